@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Side-by-side speed: removebgd vs onnxruntime (the runtime under rembg/imgly) on the same model
+# file, image and thread count, in one sitting. Prints both medians and the ratios.
+#
+# usage: bench/compare.sh MODEL IMAGE [THREADS] [RUNS]
+#   MODEL   isnet | u2netp (installed in ./models, or fetched; REMOVEBGD_MODEL_MIRROR is honoured)
+#   IMAGE   any JPEG/PNG/WebP; `bench/compare.sh --make-12mp OUT.jpg` writes a 12 MP test JPEG
+# needs: cargo, python3 with onnxruntime numpy pillow (pip install onnxruntime numpy pillow)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+shared="$(cd .. && pwd)/shared"
+
+if [ "${1:-}" = "--make-12mp" ]; then
+    # coffee.png upscaled to 4032x3024-class 12 MP, stored with EXIF orientation 6 like a phone photo
+    python3 - "$shared/testdata/images/coffee.png" "$2" <<'PY'
+import sys
+from PIL import Image
+im = Image.open(sys.argv[1]).convert('RGB').resize((4032, 2688), Image.LANCZOS)
+ex = Image.Exif(); ex[0x0112] = 6
+im.transpose(Image.Transpose.ROTATE_90).save(sys.argv[2], quality=92, exif=ex.tobytes())
+PY
+    exit 0
+fi
+
+model=${1:?model: isnet or u2netp}; image=${2:?image}; threads=${3:-$(nproc)}; runs=${4:-5}
+case "$model" in
+    isnet) file=isnet-medium.onnx ;;
+    u2netp) file=u2netp.onnx ;;
+    *) echo "unknown model $model" >&2; exit 2 ;;
+esac
+cargo build --release --locked --quiet
+bin=target/release/removebgd
+$bin models fetch "$model" >/dev/null 2>&1 || true
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), threads=$threads runs=$runs"
+ours=$($bin bench "$image" --model "$model" --threads "$threads" --runs "$runs" 2>/dev/null)
+echo "$ours"
+theirs=$(python3 "$shared/tools/ort_bench.py" "models/$file" "$image" --threads "$threads" --runs "$runs" --end-to-end "$out/ort.png")
+echo "$theirs"
+
+ours_inf=$(echo "$ours" | awk '/^inference/ {split($2,a,"="); print a[2]}')
+ours_tot=$(echo "$ours" | awk '/^total/ {split($2,a,"="); print a[2]}')
+ort_inf=$(echo "$theirs" | grep -o 'infer_median_ms=[0-9.]*' | cut -d= -f2)
+ort_tot=$(echo "$theirs" | grep -o 'end_to_end_median_ms=[0-9.]*' | cut -d= -f2)
+awk -v a="$ours_inf" -v b="$ort_inf" -v c="$ours_tot" -v d="$ort_tot" 'BEGIN {
+    printf "ratio inference  removebgd/onnxruntime = %.2fx (%.0f ms vs %.0f ms)\n", a / b, a, b
+    printf "ratio end-to-end removebgd/onnxruntime = %.2fx (%.0f ms vs %.0f ms)\n", c / d, c, d
+}'

@@ -1,0 +1,5 @@
+//! The command-line front-ends: each subcommand's behaviour, on top of `app` and the engine.
+
+pub mod bench;
+pub mod cut;
+pub mod models;

@@ -1,0 +1,277 @@
+//! Decoding the API's input formats (JPEG, PNG, WebP) into an upright RGB picture plus optional
+//! alpha, and encoding cutouts (RGBA or gray) as PNG or lossless WebP.
+
+use std::io::Cursor;
+
+use image::{
+    DynamicImage, ExtendedColorType, GrayImage, ImageDecoder, ImageEncoder, ImageFormat, ImageReader, Limits, RgbImage,
+    codecs::{png, webp::WebPEncoder},
+};
+use serde::{Deserialize, Serialize};
+
+/// Why an input image was refused. Each variant has a stable machine-readable code.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("the input is empty")]
+    Empty,
+    #[error("unsupported image format: {0} (JPEG, PNG and WebP are supported)")]
+    Unsupported(String),
+    #[error("the image is truncated or corrupt: {0}")]
+    Corrupt(String),
+    #[error("the image has {pixels} pixels ({width}x{height}), more than the limit of {limit}")]
+    TooLarge {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        limit: u64,
+    },
+    #[error("could not encode the result: {0}")]
+    Encode(String),
+}
+
+impl ImageError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            ImageError::Empty => "empty_image",
+            ImageError::Unsupported(_) => "unsupported_format",
+            ImageError::Corrupt(_) => "corrupt_image",
+            ImageError::TooLarge { .. } => "image_too_large",
+            ImageError::Encode(_) => "encode_failed",
+        }
+    }
+}
+
+/// A decoded input: 8-bit RGB, upright (EXIF orientation applied), with the source alpha if it had one.
+pub struct Picture {
+    pub rgb: RgbImage,
+    pub alpha: Option<GrayImage>,
+}
+
+impl Picture {
+    pub fn width(&self) -> u32 {
+        self.rgb.width()
+    }
+    pub fn height(&self) -> u32 {
+        self.rgb.height()
+    }
+}
+
+/// Decodes `bytes`, refusing anything but JPEG/PNG/WebP, truncated data, and images over
+/// `max_pixels` (checked from the header, before any pixel buffer is allocated).
+pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Picture, ImageError> {
+    if bytes.is_empty() {
+        return Err(ImageError::Empty);
+    }
+    let format = image::guess_format(bytes).map_err(|_| ImageError::Unsupported("unrecognised data".into()))?;
+    if !matches!(format, ImageFormat::Jpeg | ImageFormat::Png | ImageFormat::WebP) {
+        return Err(ImageError::Unsupported(format!("{format:?}")));
+    }
+    // The decoders are lenient and would fill a cut-off JPEG with grey; refuse it instead.
+    if format == ImageFormat::Jpeg && !jpeg_has_end_of_image(bytes) {
+        return Err(ImageError::Corrupt(
+            "JPEG data ends before its end-of-image marker".into(),
+        ));
+    }
+    let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
+    let mut limits = Limits::default();
+    // Room for a 16-bit RGBA frame of the largest accepted size, plus the codec's own buffers.
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
+    reader.limits(limits);
+    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let (width, height) = decoder.dimensions();
+    let pixels = width as u64 * height as u64;
+    if pixels > max_pixels {
+        return Err(ImageError::TooLarge {
+            width,
+            height,
+            pixels,
+            limit: max_pixels,
+        });
+    }
+    if pixels == 0 {
+        return Err(ImageError::Corrupt("the image has no pixels".into()));
+    }
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    img.apply_orientation(orientation);
+    Ok(split_alpha(img))
+}
+
+fn corrupt(e: image::ImageError) -> ImageError {
+    match e {
+        image::ImageError::Unsupported(u) => ImageError::Unsupported(u.to_string()),
+        image::ImageError::Limits(l) => ImageError::Corrupt(format!("decoder limit: {l}")),
+        other => ImageError::Corrupt(other.to_string()),
+    }
+}
+
+/// Converts any decoded layout to 8-bit RGB (+ alpha). 16-bit samples are scaled, not clipped;
+/// gray is replicated to three channels. CMYK JPEGs arrive here already converted to RGB.
+fn split_alpha(img: DynamicImage) -> Picture {
+    if !img.color().has_alpha() {
+        return Picture {
+            rgb: img.into_rgb8(),
+            alpha: None,
+        };
+    }
+    let rgba = img.into_rgba8();
+    let (w, h) = rgba.dimensions();
+    let mut rgb = Vec::with_capacity(w as usize * h as usize * 3);
+    let mut alpha = Vec::with_capacity(w as usize * h as usize);
+    for p in rgba.as_raw().chunks_exact(4) {
+        rgb.extend_from_slice(&p[..3]);
+        alpha.push(p[3]);
+    }
+    let alpha = GrayImage::from_raw(w, h, alpha).expect("alpha buffer matches the image");
+    Picture {
+        rgb: RgbImage::from_raw(w, h, rgb).expect("rgb buffer matches the image"),
+        alpha: alpha.as_raw().iter().any(|&a| a != 255).then_some(alpha),
+    }
+}
+
+/// Whether the main image's entropy-coded data is followed by an EOI marker. Walks the marker
+/// segments to the first SOS (so an EXIF thumbnail's own markers are skipped), then looks for
+/// FFD9, which cannot occur inside scan data (0xFF there is always stuffed or a restart marker).
+fn jpeg_has_end_of_image(b: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    while i + 4 <= b.len() {
+        if b[i] != 0xFF {
+            return false;
+        }
+        let marker = b[i + 1];
+        if marker == 0xFF {
+            i += 1; // fill byte
+            continue;
+        }
+        let len = u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
+        if marker == 0xDA {
+            let scan = (i + 2 + len).min(b.len());
+            return b[scan..].windows(2).any(|w| w == [0xFF, 0xD9]);
+        }
+        i += 2 + len;
+    }
+    false
+}
+
+/// Output container for cutouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputFormat {
+    #[default]
+    Png,
+    Webp,
+}
+
+impl OutputFormat {
+    pub fn extension(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "png",
+            OutputFormat::Webp => "webp",
+        }
+    }
+    pub fn content_type(self) -> &'static str {
+        match self {
+            OutputFormat::Png => "image/png",
+            OutputFormat::Webp => "image/webp",
+        }
+    }
+}
+
+/// Encodes raw 8-bit pixels (`L8` gray or `Rgba8`) as PNG (fast deflate: the cutout is big and
+/// waited for) or lossless WebP.
+pub fn encode(
+    pixels: &[u8],
+    w: u32,
+    h: u32,
+    color: ExtendedColorType,
+    format: OutputFormat,
+) -> Result<Vec<u8>, ImageError> {
+    let mut out = Vec::with_capacity(pixels.len() / 2);
+    let result = match format {
+        OutputFormat::Png => {
+            png::PngEncoder::new_with_quality(&mut out, png::CompressionType::Fast, png::FilterType::Adaptive)
+                .write_image(pixels, w, h, color)
+        }
+        OutputFormat::Webp => WebPEncoder::new_lossless(&mut out).write_image(pixels, w, h, color),
+    };
+    result.map_err(|e| ImageError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn jpeg_bytes(w: u32, h: u32) -> Vec<u8> {
+        let img = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7) as u8, (y * 5) as u8, 90]));
+        let mut out = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+            .encode_image(&img)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn eoi_detection_accepts_whole_and_rejects_cut_jpeg() {
+        let whole = jpeg_bytes(64, 48);
+        assert!(jpeg_has_end_of_image(&whole));
+        assert!(!jpeg_has_end_of_image(&whole[..whole.len() - 2]));
+        assert!(!jpeg_has_end_of_image(&whole[..whole.len() / 2]));
+        let mut trailer = whole.clone();
+        trailer.extend_from_slice(b"trailing data some cameras append");
+        assert!(jpeg_has_end_of_image(&trailer));
+    }
+
+    #[test]
+    fn decode_refuses_empty_unknown_and_oversize() {
+        assert!(matches!(decode(&[], 1000), Err(ImageError::Empty)));
+        assert!(matches!(decode(b"GIF89a....", 1000), Err(ImageError::Unsupported(_))));
+        assert!(matches!(decode(b"hello, world", 1000), Err(ImageError::Unsupported(_))));
+        let j = jpeg_bytes(64, 48);
+        match decode(&j, 64 * 48 - 1) {
+            Err(ImageError::TooLarge { pixels, limit, .. }) => assert_eq!((pixels, limit), (3072, 3071)),
+            other => panic!("expected TooLarge, got {:?}", other.map(|p| p.width())),
+        }
+        assert_eq!(decode(&j, 64 * 48).unwrap().rgb.dimensions(), (64, 48));
+    }
+
+    #[test]
+    fn sixteen_bit_gray_alpha_is_scaled_not_clipped() {
+        let img =
+            image::ImageBuffer::<image::LumaA<u16>, _>::from_fn(4, 2, |x, _| image::LumaA([x as u16 * 20000, 32896]));
+        let mut png = Vec::new();
+        DynamicImage::ImageLumaA16(img)
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        let pic = decode(&png, 1000).unwrap();
+        let reds: Vec<u8> = (0..4).map(|x| pic.rgb.get_pixel(x, 0)[0]).collect();
+        assert_eq!(reds, vec![0, 78, 156, 233]);
+        assert!(pic.rgb.pixels().all(|p| p[0] == p[1] && p[1] == p[2]));
+        assert!(pic.alpha.unwrap().pixels().all(|a| a[0] == 128));
+    }
+
+    #[test]
+    fn opaque_alpha_channel_is_dropped() {
+        let img = image::RgbaImage::from_pixel(3, 3, image::Rgba([1, 2, 3, 255]));
+        let mut png = Vec::new();
+        DynamicImage::ImageRgba8(img)
+            .write_to(&mut Cursor::new(&mut png), ImageFormat::Png)
+            .unwrap();
+        assert!(decode(&png, 100).unwrap().alpha.is_none());
+    }
+
+    #[test]
+    fn encoders_round_trip_rgba() {
+        let px: Vec<u8> = (0..(5 * 4))
+            .flat_map(|i| [i as u8, 2 * i as u8, 3, (i * 12) as u8])
+            .collect();
+        for f in [OutputFormat::Png, OutputFormat::Webp] {
+            let bytes = encode(&px, 5, 4, ExtendedColorType::Rgba8, f).unwrap();
+            let back = image::load_from_memory(&bytes).unwrap();
+            assert!(back.color().has_alpha(), "{f:?}");
+            assert_eq!(back.into_rgba8().into_raw(), px, "{f:?} is lossless");
+        }
+    }
+}

@@ -1,0 +1,197 @@
+//! The segmentation model and everything around it: decode, preprocess, infer, postprocess,
+//! composite, encode. Pure computation; the only I/O is reading model files.
+
+mod color;
+pub mod image_io;
+mod model;
+pub mod pool;
+mod prepost;
+pub mod resize;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use fast_image_resize::{FilterType, PixelType};
+use image::ExtendedColorType;
+use serde::{Deserialize, Serialize};
+
+pub use color::{BgColor, ColorError};
+pub use image_io::{ImageError, OutputFormat, Picture};
+pub use model::{Model, Precision, use_threads};
+pub use pool::Pool;
+
+/// Which reference pre/post-processing a model follows (see models/manifest.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Pipeline {
+    /// IS-Net (imgly pipeline): 1024x1024 bilinear without half-pixel offset, (v-128)/256.
+    Isnet,
+    /// U^2-Net small (rembg pipeline): 320x320 Lanczos, ImageNet normalisation, min-max stretch.
+    U2netp,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("model: {0}")]
+    Model(String),
+    #[error("inference failed: {0}")]
+    Inference(String),
+}
+
+/// `output_size` in the API: a small preview or the original resolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OutputSize {
+    /// At most 0.25 megapixels, aspect ratio kept.
+    Preview,
+    /// The input's own size.
+    #[default]
+    Full,
+}
+
+/// Pixel budget of `OutputSize::Preview`.
+pub const PREVIEW_PIXELS: u64 = 250_000;
+
+/// What to produce from one input image.
+#[derive(Debug, Clone, Default)]
+pub struct CutOptions {
+    pub format: OutputFormat,
+    pub size: OutputSize,
+    /// Composite onto this colour instead of leaving the background transparent.
+    pub bg_color: Option<BgColor>,
+    /// Emit the 8-bit mask as a gray image instead of the cutout.
+    pub mask_only: bool,
+}
+
+/// Wall time of each stage of one cutout.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Timings {
+    pub decode: Duration,
+    pub preprocess: Duration,
+    pub inference: Duration,
+    pub postprocess: Duration,
+    pub encode: Duration,
+}
+
+impl Timings {
+    pub fn total(&self) -> Duration {
+        self.decode + self.preprocess + self.inference + self.postprocess + self.encode
+    }
+}
+
+/// An encoded result.
+#[derive(Debug)]
+pub struct Cutout {
+    pub bytes: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+    pub format: OutputFormat,
+    pub timings: Timings,
+}
+
+/// The model plus the input limits; one per process, shared by reference.
+pub struct Engine {
+    model: Model,
+    max_pixels: u64,
+}
+
+/// Default for the largest accepted input, in pixels (decompression-bomb guard).
+pub const DEFAULT_MAX_PIXELS: u64 = 50_000_000;
+
+impl Engine {
+    pub fn load(
+        path: &Path,
+        pipeline: Option<Pipeline>,
+        precision: Precision,
+        max_pixels: u64,
+    ) -> Result<Engine, EngineError> {
+        Ok(Engine {
+            model: Model::load(path, pipeline, precision)?,
+            max_pixels,
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// Decodes `input`, removes its background and encodes the result.
+    pub fn cut(&self, input: &[u8], opts: &CutOptions) -> Result<Cutout, EngineError> {
+        let mut t = Timings::default();
+        let start = Instant::now();
+        let picture = image_io::decode(input, self.max_pixels)?;
+        t.decode = start.elapsed();
+        let (pixels, width, height, color) = self.cut_picture(&picture, opts, &mut t)?;
+        drop(picture);
+        let start = Instant::now();
+        let bytes = image_io::encode(&pixels, width, height, color, opts.format)?;
+        t.encode = start.elapsed();
+        Ok(Cutout {
+            bytes,
+            width,
+            height,
+            format: opts.format,
+            timings: t,
+        })
+    }
+
+    /// The model's mask for `picture` at `size` (8-bit, one byte per pixel).
+    pub fn mask(&self, picture: &Picture, size: (u32, u32), t: &mut Timings) -> Result<Vec<u8>, EngineError> {
+        let pipeline = self.model.pipeline();
+        let start = Instant::now();
+        let input = pipeline.preprocess(picture.rgb.as_raw(), picture.rgb.dimensions());
+        t.preprocess = start.elapsed();
+        let start = Instant::now();
+        let out = self.model.infer(input)?;
+        t.inference = start.elapsed();
+        let start = Instant::now();
+        let mask = pipeline.postprocess(&out, size);
+        t.postprocess = start.elapsed();
+        Ok(mask)
+    }
+
+    /// Raw output pixels for `picture`: gray mask or RGBA cutout, at the requested size.
+    fn cut_picture(
+        &self,
+        picture: &Picture,
+        opts: &CutOptions,
+        t: &mut Timings,
+    ) -> Result<(Vec<u8>, u32, u32, ExtendedColorType), EngineError> {
+        let (w, h) = (picture.width(), picture.height());
+        let size = match opts.size {
+            OutputSize::Full => (w, h),
+            OutputSize::Preview => resize::fit_within(w, h, PREVIEW_PIXELS),
+        };
+        let mut mask = self.mask(picture, size, t)?;
+        let start = Instant::now();
+        let source_alpha = picture
+            .alpha
+            .as_ref()
+            .map(|a| shrink(a.as_raw(), (w, h), PixelType::U8, size));
+        if let Some(a) = &source_alpha {
+            // A pixel transparent in the input stays transparent in the cutout.
+            for (m, &a) in mask.iter_mut().zip(a.iter()) {
+                *m = ((*m as u16 * a as u16 + 127) / 255) as u8;
+            }
+        }
+        if opts.mask_only {
+            t.postprocess += start.elapsed();
+            return Ok((mask, size.0, size.1, ExtendedColorType::L8));
+        }
+        let rgb = shrink(picture.rgb.as_raw(), (w, h), PixelType::U8x3, size);
+        let rgba = color::compose(&rgb, &mask, opts.bg_color);
+        t.postprocess += start.elapsed();
+        Ok((rgba, size.0, size.1, ExtendedColorType::Rgba8))
+    }
+}
+
+/// Resizes to `size` with Lanczos3 if it differs; borrows nothing when it doesn't need to.
+fn shrink(src: &[u8], from: (u32, u32), pixel: PixelType, to: (u32, u32)) -> std::borrow::Cow<'_, [u8]> {
+    if from == to {
+        std::borrow::Cow::Borrowed(src)
+    } else {
+        std::borrow::Cow::Owned(resize::convolve(src, from, pixel, to, FilterType::Lanczos3))
+    }
+}

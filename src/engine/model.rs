@@ -1,0 +1,175 @@
+//! Loading a segmentation model with tract: fix the input fact, pick the one output we use,
+//! choose the numeric precision, optimise once, and share the plan.
+
+use std::path::Path;
+use std::sync::{Mutex, Once};
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
+use tract_onnx::tract_core::knobs::KnobScope;
+use tract_onnx::tract_hir::infer::Factoid;
+
+use super::{EngineError, Pipeline};
+
+type Plan = Arc<TypedSimplePlan>;
+type PlanState = TypedSimpleState;
+
+/// Floating-point precision the optimised plan computes in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// f16 where the CPU has native FP16 arithmetic (aarch64 with `fp16`), f32 elsewhere.
+    Auto,
+    F32,
+    F16,
+}
+
+impl Precision {
+    fn resolve(self) -> DatumType {
+        match self {
+            Precision::F32 => f32::datum_type(),
+            Precision::F16 => f16::datum_type(),
+            Precision::Auto if native_fp16() => f16::datum_type(),
+            Precision::Auto => f32::datum_type(),
+        }
+    }
+}
+
+fn native_fp16() -> bool {
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("fp16")
+    }
+    #[cfg(not(target_arch = "aarch64"))]
+    {
+        false
+    }
+}
+
+/// Makes tract's matrix products fan out over `threads` cores, so a single image in flight uses
+/// the whole machine. Process-wide; the first call wins.
+pub fn use_threads(threads: usize) {
+    static INIT: Once = Once::new();
+    INIT.call_once(|| {
+        if threads > 1 {
+            multithread::set_default_executor(multithread::Executor::multithread(threads));
+        }
+    });
+}
+
+/// An optimised, runnable model. Cheap to share: the plan is behind an `Arc`, and run states
+/// (with their scratch buffers) are recycled between inferences instead of rebuilt.
+pub struct Model {
+    plan: Plan,
+    pipeline: Pipeline,
+    precision: DatumType,
+    states: Mutex<Vec<PlanState>>,
+}
+
+impl Model {
+    /// Loads `path`. With `pipeline` unset, it is told from the model's declared input size.
+    pub fn load(path: &Path, pipeline: Option<Pipeline>, precision: Precision) -> Result<Model, EngineError> {
+        let fail = |stage: &str, e: TractError| EngineError::Model(format!("{}: {stage}: {e:#}", path.display()));
+        let mut model = tract_onnx::onnx().model_for_path(path).map_err(|e| fail("parse", e))?;
+        let pipeline = match pipeline {
+            Some(p) => p,
+            None => detect_pipeline(&model).ok_or_else(|| {
+                EngineError::Model(format!(
+                    "{}: cannot tell the model's pipeline from its input shape; expected 1x3x1024x1024 (IS-Net) or 1x3x320x320 (U^2-Net)",
+                    path.display()
+                ))
+            })?,
+        };
+        let s = pipeline.input_size() as usize;
+        model
+            .set_input_fact(0, f32::fact([1, 3, s, s]).into())
+            .map_err(|e| fail("input fact", e))?;
+        // IS-Net exports a dozen side outputs; computing only the final mask saves ~5%.
+        let outputs = model.output_outlets().map_err(|e| fail("outputs", e))?.to_vec();
+        let wanted = outputs
+            .iter()
+            .copied()
+            .find(|o| model.node(o.node).name == "output" || model.outlet_label(*o) == Some("output"))
+            .unwrap_or(outputs[0]);
+        model
+            .select_output_outlets(&[wanted])
+            .map_err(|e| fail("select output", e))?;
+
+        let mut typed = model.into_typed().map_err(|e| fail("typing", e))?;
+        let precision = precision.resolve();
+        let (from, to) = if precision == f32::datum_type() {
+            (f16::datum_type(), f32::datum_type())
+        } else {
+            (f32::datum_type(), f16::datum_type())
+        };
+        // Stored f16 (IS-Net medium) runs emulated and slow on x86: widen it before optimising.
+        if typed_uses(&typed, from) {
+            typed
+                .transform(&FloatPrecisionTranslator::new(from, to))
+                .map_err(|e| fail("precision", e))?;
+        }
+        // im2col + matmul beats tract's direct spatial convolution on these nets (SOURCES.md: 11.3 s -> 7.65 s).
+        let scope = KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")]).map_err(|e| fail("knobs", e))?;
+        let optimised = scope
+            .enter(|| typed.into_optimized())
+            .map_err(|e| fail("optimise", e))?;
+        let plan = optimised.into_runnable().map_err(|e| fail("plan", e))?;
+        Ok(Model {
+            plan,
+            pipeline,
+            precision,
+            states: Mutex::new(Vec::new()),
+        })
+    }
+
+    pub fn pipeline(&self) -> Pipeline {
+        self.pipeline
+    }
+
+    pub fn precision(&self) -> DatumType {
+        self.precision
+    }
+
+    /// Runs one preprocessed NCHW input; returns the output probabilities (`input_size()`² values).
+    pub fn infer(&self, input: Vec<f32>) -> Result<Vec<f32>, EngineError> {
+        let s = self.pipeline.input_size() as usize;
+        let fail = |e: TractError| EngineError::Inference(format!("{e:#}"));
+        let tensor: Tensor = tract_ndarray::Array4::from_shape_vec((1, 3, s, s), input)
+            .map_err(|e| EngineError::Inference(format!("input tensor: {e}")))?
+            .into();
+        let recycled = self.states.lock().expect("state pool poisoned").pop();
+        let mut state = match recycled {
+            Some(st) => st,
+            None => self.plan.spawn().map_err(fail)?,
+        };
+        let result = state.run(tvec!(tensor.into_tvalue()));
+        self.states.lock().expect("state pool poisoned").push(state);
+        let out = result.map_err(fail)?.remove(0);
+        let out = out.cast_to::<f32>().map_err(fail)?;
+        let view = out.try_as_plain_ram().map_err(fail)?;
+        let values = view.as_slice::<f32>().map_err(fail)?;
+        if values.len() != s * s {
+            return Err(EngineError::Inference(format!(
+                "unexpected output shape {:?}",
+                out.shape()
+            )));
+        }
+        Ok(values.to_vec())
+    }
+}
+
+fn typed_uses(model: &TypedModel, dt: DatumType) -> bool {
+    model
+        .nodes
+        .iter()
+        .any(|n| n.outputs.iter().any(|o| o.fact.datum_type == dt))
+}
+
+fn detect_pipeline(model: &InferenceModel) -> Option<Pipeline> {
+    let fact = model.input_fact(0).ok()?;
+    let shape = fact.shape.concretize()?;
+    let side = shape.get(2)?.to_i64().ok()?;
+    [Pipeline::Isnet, Pipeline::U2netp]
+        .into_iter()
+        .find(|p| p.input_size() as i64 == side)
+}

@@ -1,0 +1,126 @@
+//! The `removebgd` binary end to end: folders, file/folder output rules, failures that write
+//! nothing, exit codes, and model provisioning from a mirror.
+
+mod common;
+use common::*;
+
+use std::path::Path;
+
+fn cut_cmd(models: &Path) -> std::process::Command {
+    let mut c = bin();
+    c.arg("cut")
+        .arg("--model")
+        .arg("u2netp")
+        .arg("--models-dir")
+        .arg(models)
+        .arg("--mirror")
+        .arg(mirror());
+    c
+}
+
+#[test]
+fn a_folder_with_a_bad_file_writes_the_good_ones_and_fails() {
+    let work = tempfile::tempdir().unwrap();
+    let input = work.path().join("in");
+    std::fs::create_dir(&input).unwrap();
+    std::fs::copy(images().join("rocket.jpg"), input.join("rocket.jpg")).unwrap();
+    std::fs::copy(images().join("coffee.png"), input.join("coffee.png")).unwrap();
+    let png = read(images().join("chelsea.png"));
+    std::fs::write(input.join("truncated.png"), &png[..png.len() / 3]).unwrap();
+    std::fs::write(input.join("empty.jpg"), b"").unwrap();
+    std::fs::write(input.join("notes.webp"), b"not an image at all").unwrap();
+    let out = work.path().join("out");
+    let o = cut_cmd(&work.path().join("models"))
+        .arg(&input)
+        .arg("-o")
+        .arg(&out)
+        .arg("--format")
+        .arg("webp")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(listing(&out), vec!["coffee.webp", "rocket.webp"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("truncated.png") && err.contains("corrupt"), "{err}");
+    assert!(err.contains("2 written, 3 failed"), "{err}");
+}
+
+#[test]
+fn one_input_to_a_file_name_writes_that_file() {
+    let work = tempfile::tempdir().unwrap();
+    let out = work.path().join("cat.webp");
+    let o = cut_cmd(&work.path().join("models"))
+        .arg(images().join("chelsea.png"))
+        .arg("-o")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let img = image::open(&out).unwrap();
+    assert!(img.color().has_alpha());
+    assert_eq!((img.width(), img.height()), (451, 300));
+    assert_eq!(listing(work.path()), vec!["cat.webp", "models"]);
+}
+
+#[test]
+fn a_refused_single_input_writes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let bad = work.path().join("bad.jpg");
+    let jpg = read(images().join("rocket.jpg"));
+    std::fs::write(&bad, &jpg[..jpg.len() / 2]).unwrap();
+    let out = work.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let o = cut_cmd(&work.path().join("models"))
+        .arg(&bad)
+        .arg("-o")
+        .arg(out.join("x.png"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(listing(&out).is_empty(), "left behind: {:?}", listing(&out));
+    let o = cut_cmd(&work.path().join("models"))
+        .arg(images().join("rocket.jpg"))
+        .arg("-o")
+        .arg(out.join("x.png"))
+        .arg("--max-pixels")
+        .arg("1000")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("more than the limit of 1000"));
+    assert!(listing(&out).is_empty());
+}
+
+#[test]
+fn models_fetch_from_a_mirror_verifies_and_rejects_corruption() {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    let o = bin()
+        .args(["models", "fetch", "u2netp", "--mirror"])
+        .arg(mirror())
+        .arg("--models-dir")
+        .arg(&models)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(listing(&models), vec!["u2netp.onnx"]);
+    assert_eq!(read(models.join("u2netp.onnx")), read(mirror().join("u2netp.onnx")));
+
+    let bad_mirror = work.path().join("bad-mirror");
+    std::fs::create_dir(&bad_mirror).unwrap();
+    let mut bytes = read(mirror().join("u2netp.onnx"));
+    bytes[1000] ^= 0x40;
+    std::fs::write(bad_mirror.join("u2netp.onnx"), bytes).unwrap();
+    let fresh = work.path().join("fresh");
+    let o = bin()
+        .args(["models", "fetch", "u2netp", "--mirror"])
+        .arg(&bad_mirror)
+        .arg("--models-dir")
+        .arg(&fresh)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+    assert!(err.contains("sha256") || err.contains("checksum"), "{err}");
+    assert!(listing(&fresh).is_empty(), "left behind: {:?}", listing(&fresh));
+}

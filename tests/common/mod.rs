@@ -1,0 +1,88 @@
+//! Shared test helpers: where the shared test data and model mirror are, a loaded engine per
+//! model, and the built CLI binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use removebgd::engine::{Engine, Pipeline, Precision};
+
+pub fn shared() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
+}
+
+/// The model mirror: `$REMOVEBGD_MODEL_MIRROR`, else `../shared/models`.
+pub fn mirror() -> PathBuf {
+    std::env::var_os("REMOVEBGD_MODEL_MIRROR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| shared().join("models"))
+}
+
+pub fn images() -> PathBuf {
+    shared().join("testdata/images")
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+pub fn read(p: impl AsRef<Path>) -> Vec<u8> {
+    std::fs::read(p.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", p.as_ref().display()))
+}
+
+/// The small real model, loaded once per test binary.
+pub fn u2netp() -> &'static Engine {
+    static E: OnceLock<Engine> = OnceLock::new();
+    E.get_or_init(|| {
+        removebgd::engine::use_threads(2);
+        Engine::load(
+            &mirror().join("u2netp.onnx"),
+            Some(Pipeline::U2netp),
+            Precision::Auto,
+            50_000_000,
+        )
+        .expect("load u2netp")
+    })
+}
+
+/// The CLI binary with a clean environment of its own settings.
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_removebgd"));
+    for (k, _) in std::env::vars_os() {
+        if k.to_string_lossy().starts_with("REMOVEBGD_") {
+            c.env_remove(k);
+        }
+    }
+    c.env("RUST_LOG", "warn");
+    c
+}
+
+/// Files in `dir`, names sorted (hidden temp files included, to catch leftovers).
+pub fn listing(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = match std::fs::read_dir(dir) {
+        Ok(rd) => rd
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    v.sort();
+    v
+}
+
+/// Mean absolute difference of two equally sized 8-bit buffers, in 8-bit levels.
+pub fn mad(a: &[u8], b: &[u8]) -> f64 {
+    assert_eq!(a.len(), b.len(), "sizes differ");
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| (x as i32 - y as i32).unsigned_abs() as u64)
+        .sum::<u64>() as f64
+        / a.len() as f64
+}
+
+/// The alpha channel of an encoded RGBA result.
+pub fn alpha_of(encoded: &[u8]) -> (u32, u32, Vec<u8>) {
+    let img = image::load_from_memory(encoded).expect("result decodes").into_rgba8();
+    let (w, h) = img.dimensions();
+    (w, h, img.pixels().map(|p| p[3]).collect())
+}
