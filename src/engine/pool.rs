@@ -175,6 +175,11 @@ mod tests {
         gate.wait();
         first.wait().unwrap();
         second.wait().unwrap();
+        // The worker lowers `running` just after handing the result over; give it a moment.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pool.running() != 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert_eq!((pool.running(), pool.queued()), (0, 0));
     }
 
