@@ -40,8 +40,8 @@ echo "$ours"
 theirs=$(python3 "$shared/tools/ort_bench.py" "models/$file" "$image" --threads "$threads" --runs "$runs" --end-to-end "$out/ort.png")
 echo "$theirs"
 
-ours_inf=$(echo "$ours" | awk '/^inference/ {split($2,a,"="); print a[2]}')
-ours_tot=$(echo "$ours" | awk '/^total/ {split($2,a,"="); print a[2]}')
+ours_inf=$(echo "$ours" | awk '/^inference/ {print $3}')
+ours_tot=$(echo "$ours" | awk '/^total/ {print $3}')
 ort_inf=$(echo "$theirs" | grep -o 'infer_median_ms=[0-9.]*' | cut -d= -f2)
 ort_tot=$(echo "$theirs" | grep -o 'end_to_end_median_ms=[0-9.]*' | cut -d= -f2)
 awk -v a="$ours_inf" -v b="$ort_inf" -v c="$ours_tot" -v d="$ort_tot" 'BEGIN {
