@@ -5,6 +5,7 @@ use removebgd::commands;
 use removebgd::config::{Cli, Command};
 
 fn main() -> ExitCode {
+    keep_buffers_in_heap();
     let cli = Cli::parse();
     removebgd::telemetry::init(cli.global.log_format);
     let result = match cli.command {
@@ -19,5 +20,18 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+/// Inference allocates and frees activation buffers of tens to hundreds of MB per run. glibc
+/// would hand each back to the kernel (mmap/trim) and fault it in again next run, costing
+/// 13-25% of inference time. One arena, no mmap for big blocks and no trimming keep them reused.
+fn keep_buffers_in_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator; called first thing, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
