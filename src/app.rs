@@ -1,12 +1,20 @@
-//! Wiring: turn configuration into running parts (model resolution, the engine, worker pool).
+//! Wiring: turn configuration into running parts (model, engine, database, jobs, HTTP server),
+//! spawn the background tasks and stop them in order.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 
-use crate::config::{EngineArgs, ModelStoreArgs};
+use crate::clock;
+use crate::config::{EngineArgs, ModelStoreArgs, ServeSettings};
 use crate::engine::{Engine, Pipeline, use_threads};
+use crate::fetch::{FetchLimits, FetchPolicy, ImageFetcher, local_addresses};
+use crate::http;
+use crate::jobs::{self, Jobs};
 use crate::provision::{self, Fetcher};
+use crate::store::{SCOPES, Store};
 
 impl ModelStoreArgs {
     pub fn fetcher(&self) -> Fetcher {
@@ -75,3 +83,109 @@ pub fn load_engine(args: &EngineArgs) -> Result<Engine> {
     );
     Ok(engine)
 }
+
+/// The database file inside the data directory.
+pub const DATABASE_FILE: &str = "removebgd.db";
+/// Result files inside the data directory.
+pub const RESULTS_DIR: &str = "results";
+
+/// Runs the daemon until SIGINT/SIGTERM.
+pub fn serve(settings: ServeSettings) -> Result<()> {
+    let results_dir = settings.data_dir.join(RESULTS_DIR);
+    std::fs::create_dir_all(&results_dir).with_context(|| format!("creating {}", results_dir.display()))?;
+    let db_path = settings.data_dir.join(DATABASE_FILE);
+    let store = Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
+    bootstrap(&store, &settings)?;
+    let engine = Arc::new(load_engine(&settings.engine)?);
+
+    let mut own = local_addresses();
+    if !settings.listen.ip().is_unspecified() {
+        own.push(settings.listen.ip());
+    }
+    let fetcher = ImageFetcher::new(
+        FetchPolicy::new(settings.fetch_allow.clone(), settings.fetch_deny.clone(), own),
+        FetchLimits::default(),
+    )?;
+    let jobs = Jobs::new(
+        engine,
+        settings.workers,
+        store,
+        fetcher,
+        jobs::Settings {
+            results_dir,
+            result_ttl: settings.result_ttl,
+        },
+    );
+    let state = http::AppState {
+        jobs: jobs.clone(),
+        rate: Arc::new(http::RateLimiter::new(settings.rate_limit, settings.rate_burst)),
+        polls: Arc::new(http::PollLimiter::new(settings.batch_poll_interval)),
+        public_url: settings.public_url.clone(),
+        fallback_url: fallback_url(settings.listen),
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("removebgd-io")
+        .build()?;
+    runtime.block_on(async move {
+        jobs.recover().await?;
+        tokio::spawn(jobs.clone().run_queue());
+        tokio::spawn(jobs.clone().sweep_forever(settings.sweep_interval));
+        let listener = tokio::net::TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("listening on {}", settings.listen))?;
+        tracing::info!(addr = %listener.local_addr()?, "listening");
+        axum::serve(listener, http::router(state))
+            .with_graceful_shutdown(stop_signal())
+            .await?;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("stop requested; finishing requests in flight");
+}
+
+/// `result_url` base when neither --public-url nor a Host header says better.
+fn fallback_url(listen: SocketAddr) -> String {
+    let ip = if listen.ip().is_unspecified() {
+        local_addresses()
+            .into_iter()
+            .find(|a| a.is_ipv4() && !a.is_loopback())
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+    } else {
+        listen.ip()
+    };
+    format!("http://{}", SocketAddr::new(ip, listen.port()))
+}
+
+/// First start on an empty database: a default account and one key with every scope, shown once.
+fn bootstrap(store: &Store, settings: &ServeSettings) -> Result<()> {
+    if !store.accounts()?.is_empty() {
+        return Ok(());
+    }
+    let now = clock::now();
+    store.create_account(DEFAULT_ACCOUNT, "Local", DEFAULT_CREDITS, 1, now)?;
+    let scopes: Vec<String> = SCOPES.iter().map(|s| s.to_string()).collect();
+    let key = store.create_key(DEFAULT_ACCOUNT, &scopes, None, now)?;
+    let port = settings.listen.port();
+    // Straight to stdout, never through the log: the key must not end up in log files.
+    println!(
+        "\nFirst start: created account {DEFAULT_ACCOUNT:?} ({DEFAULT_CREDITS} credits a month) and an API key with \
+         every scope.\nIt is shown only this once; `removebgd keys create` makes more.\n\n    {}\n\nTry it:\n    \
+         curl -s http://127.0.0.1:{port}/v1/removebg/quota -H \"Authorization: Bearer {}\"\n",
+        key.key, key.key
+    );
+    Ok(())
+}
+
+const DEFAULT_ACCOUNT: &str = "default";
+const DEFAULT_CREDITS: i64 = 10_000;

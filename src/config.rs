@@ -1,9 +1,12 @@
 //! Command-line configuration. Every flag has an environment equivalent; the doc comments are
 //! the `--help` text.
 
-use std::path::PathBuf;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 
+use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Deserialize;
 
 use crate::engine::{BgColor, DEFAULT_MAX_PIXELS, OutputFormat, OutputSize, Precision};
 use crate::provision::DEFAULT_MODEL;
@@ -41,6 +44,14 @@ pub enum Command {
     Models(ModelsCommand),
     /// Time each stage of one cutout over several runs and report medians and peak memory.
     Bench(BenchArgs),
+    /// Run the daemon: the RemoveBG REST API on the LAN, with state in SQLite.
+    Serve(Box<ServeArgs>),
+    /// Manage accounts and their credits (works while the daemon runs).
+    #[command(subcommand)]
+    Accounts(AccountsCommand),
+    /// Manage API keys (works while the daemon runs).
+    #[command(subcommand)]
+    Keys(KeysCommand),
 }
 
 /// Where models live and how the engine runs them.
@@ -128,4 +139,256 @@ pub struct BenchArgs {
     pub size: OutputSize,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+/// Default config file, read when it exists and `--config` is not given.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/removebgd/config.toml";
+
+/// `removebgd serve` settings. Precedence: flag > environment > config file > default. Every
+/// field can also be set in the TOML config file under the same name (snake_case).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeArgs {
+    /// Config file (TOML). Default: /etc/removebgd/config.toml when it exists.
+    #[arg(long, env = "REMOVEBGD_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address and port to listen on [default: 0.0.0.0:8080].
+    #[arg(long, env = "REMOVEBGD_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Directory for the database (removebgd.db) and result files [default: ./data].
+    #[arg(long, env = "REMOVEBGD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Base URL clients reach this daemon at, used in `result_url` (e.g. http://kiosk-3.lan:8080)
+    /// [default: the request's Host header, else derived from --listen].
+    #[arg(long, env = "REMOVEBGD_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// Images processed at once [default: 1; each inference already uses every core].
+    #[arg(long, env = "REMOVEBGD_WORKERS")]
+    pub workers: Option<usize>,
+    /// Addresses image URLs may point to even if refused by default, as CIDRs
+    /// (comma-separated, e.g. 127.0.0.0/8). Wins over --fetch-deny and the defaults.
+    #[arg(long, env = "REMOVEBGD_FETCH_ALLOW", value_delimiter = ',')]
+    pub fetch_allow: Option<Vec<String>>,
+    /// Extra addresses image URLs may not point to, as CIDRs (comma-separated). By default
+    /// loopback, link-local, multicast and this host's own addresses are refused.
+    #[arg(long, env = "REMOVEBGD_FETCH_DENY", value_delimiter = ',')]
+    pub fetch_deny: Option<Vec<String>>,
+    /// How long result files stay downloadable [default: 24h].
+    #[arg(long, env = "REMOVEBGD_RESULT_TTL")]
+    pub result_ttl: Option<String>,
+    /// How often expired results are deleted and due credit resets applied [default: 60s].
+    #[arg(long, env = "REMOVEBGD_SWEEP_INTERVAL")]
+    pub sweep_interval: Option<String>,
+    /// Requests per second allowed per API key, sustained [default: 10].
+    #[arg(long, env = "REMOVEBGD_RATE_LIMIT")]
+    pub rate_limit: Option<f64>,
+    /// Requests per API key allowed in a burst above the rate [default: 20].
+    #[arg(long, env = "REMOVEBGD_RATE_BURST")]
+    pub rate_burst: Option<u32>,
+    /// Shortest interval between two polls of the same batch [default: 2s].
+    #[arg(long, env = "REMOVEBGD_BATCH_POLL_INTERVAL")]
+    pub batch_poll_interval: Option<String>,
+    /// Model: a name from `removebgd models list` (fetched on first start) or an .onnx path [default: isnet].
+    #[arg(long, short = 'm', env = "REMOVEBGD_MODEL")]
+    pub model: Option<String>,
+    /// Directory holding installed models [default: models].
+    #[arg(long, env = "REMOVEBGD_MODELS_DIR")]
+    pub models_dir: Option<PathBuf>,
+    /// Local mirror directory with model files, used instead of the registries.
+    #[arg(long, env = "REMOVEBGD_MODEL_MIRROR")]
+    pub model_mirror: Option<PathBuf>,
+    /// Threads each inference fans out over [default: all cores].
+    #[arg(long, env = "REMOVEBGD_THREADS")]
+    pub threads: Option<usize>,
+    /// Numeric precision [default: auto].
+    #[arg(long, env = "REMOVEBGD_PRECISION", value_enum)]
+    pub precision: Option<Precision>,
+    /// Largest accepted input in pixels, checked before decoding [default: 50000000].
+    #[arg(long, env = "REMOVEBGD_MAX_PIXELS")]
+    pub max_pixels: Option<u64>,
+}
+
+/// The effective daemon settings after merging flags, environment, file and defaults.
+#[derive(Debug, Clone)]
+pub struct ServeSettings {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub public_url: Option<String>,
+    pub workers: usize,
+    pub fetch_allow: Vec<crate::fetch::Cidr>,
+    pub fetch_deny: Vec<crate::fetch::Cidr>,
+    pub result_ttl: std::time::Duration,
+    pub sweep_interval: std::time::Duration,
+    pub rate_limit: f64,
+    pub rate_burst: u32,
+    pub batch_poll_interval: std::time::Duration,
+    pub engine: EngineArgs,
+}
+
+/// Reads the config file: the explicit one must exist; the default one may be absent.
+fn read_file(explicit: Option<&Path>) -> Result<ServeArgs> {
+    let path = match explicit {
+        Some(p) => p,
+        None if Path::new(DEFAULT_CONFIG_FILE).is_file() => Path::new(DEFAULT_CONFIG_FILE),
+        None => return Ok(ServeArgs::default()),
+    };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+fn duration(key: &str, value: Option<String>, default: &str) -> Result<std::time::Duration> {
+    let text = value.unwrap_or_else(|| default.to_owned());
+    crate::clock::parse_duration(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))
+}
+
+fn cidrs(key: &str, values: Option<Vec<String>>) -> Result<Vec<crate::fetch::Cidr>> {
+    values
+        .unwrap_or_default()
+        .iter()
+        .filter(|v| !v.trim().is_empty())
+        .map(|v| v.trim().parse().map_err(|e| anyhow::anyhow!("{key}: {v:?}: {e}")))
+        .collect()
+}
+
+impl ServeArgs {
+    /// Flags and environment (already merged by clap) over the config file over defaults.
+    pub fn resolve(self) -> Result<ServeSettings> {
+        let file = read_file(self.config.as_deref())?;
+        let workers = self.workers.or(file.workers).unwrap_or(1);
+        if workers == 0 {
+            bail!("workers: must be at least 1");
+        }
+        let rate_limit = self.rate_limit.or(file.rate_limit).unwrap_or(10.0);
+        if !(rate_limit > 0.0 && rate_limit.is_finite()) {
+            bail!("rate_limit: must be a positive number of requests per second");
+        }
+        let public_url = self
+            .public_url
+            .or(file.public_url)
+            .map(|u| u.trim_end_matches('/').to_owned());
+        if let Some(u) = &public_url
+            && !(u.starts_with("http://") || u.starts_with("https://"))
+        {
+            bail!("public_url: {u:?} must start with http:// or https://");
+        }
+        Ok(ServeSettings {
+            listen: self
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            data_dir: self.data_dir.or(file.data_dir).unwrap_or_else(|| PathBuf::from("data")),
+            public_url,
+            workers,
+            fetch_allow: cidrs("fetch_allow", self.fetch_allow.or(file.fetch_allow))?,
+            fetch_deny: cidrs("fetch_deny", self.fetch_deny.or(file.fetch_deny))?,
+            result_ttl: duration("result_ttl", self.result_ttl.or(file.result_ttl), "24h")?,
+            sweep_interval: duration("sweep_interval", self.sweep_interval.or(file.sweep_interval), "60s")?,
+            rate_limit,
+            rate_burst: self.rate_burst.or(file.rate_burst).unwrap_or(20).max(1),
+            batch_poll_interval: duration(
+                "batch_poll_interval",
+                self.batch_poll_interval.or(file.batch_poll_interval),
+                "2s",
+            )?,
+            engine: EngineArgs {
+                model: self.model.or(file.model).unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
+                store: ModelStoreArgs {
+                    models_dir: self
+                        .models_dir
+                        .or(file.models_dir)
+                        .unwrap_or_else(|| PathBuf::from("models")),
+                    mirror: self.model_mirror.or(file.model_mirror),
+                },
+                threads: self.threads.or(file.threads),
+                precision: self.precision.or(file.precision).unwrap_or(Precision::Auto),
+                max_pixels: self.max_pixels.or(file.max_pixels).unwrap_or(DEFAULT_MAX_PIXELS),
+            },
+        })
+    }
+}
+
+/// Where the admin commands find the database.
+#[derive(Debug, Clone, Args)]
+pub struct DataArgs {
+    /// Config file (TOML) whose `data_dir` to use. Default: /etc/removebgd/config.toml when it exists.
+    #[arg(long, env = "REMOVEBGD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Directory holding removebgd.db [default: ./data].
+    #[arg(long, env = "REMOVEBGD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+impl DataArgs {
+    pub fn data_dir(&self) -> Result<PathBuf> {
+        let file = read_file(self.config.as_deref())?;
+        Ok(self
+            .data_dir
+            .clone()
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("data")))
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccountsCommand {
+    /// Create an account with a monthly credit allowance.
+    Create {
+        name: String,
+        /// Plan name shown by GET /quota.
+        #[arg(long, default_value = "Pro")]
+        plan: String,
+        /// Credits per monthly period.
+        #[arg(long)]
+        credits: i64,
+        /// Day of the month (1-28, 00:00 UTC) on which used credits reset.
+        #[arg(long, default_value_t = 1)]
+        reset_day: u32,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// List accounts with their credits.
+    List {
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Change an account's monthly allowance (and optionally its plan name).
+    SetCredits {
+        name: String,
+        credits: i64,
+        #[arg(long)]
+        plan: Option<String>,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create an API key; the key is printed once, alone on the last line.
+    Create {
+        /// Account the key spends credits of.
+        #[arg(long)]
+        account: String,
+        /// Comma-separated scopes: removebg:images:process, removebg:quota:read,
+        /// removebg:batch:write, removebg:batch:read.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+        /// Lifetime, e.g. 30d, 12h, 2w (default: no expiry).
+        #[arg(long)]
+        expires_in: Option<String>,
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// List keys: prefix, account, scopes, expiry, last use (never the key itself).
+    List {
+        #[command(flatten)]
+        data: DataArgs,
+    },
+    /// Revoke the key with this prefix (as `keys list` shows it).
+    Revoke {
+        prefix: String,
+        #[command(flatten)]
+        data: DataArgs,
+    },
 }

@@ -1,7 +1,12 @@
 //! removebgd: on-device background removal. See README.md for the architecture.
 pub mod app;
+pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod engine;
+pub mod fetch;
+pub mod http;
+pub mod jobs;
 pub mod provision;
+pub mod store;
 pub mod telemetry;

@@ -12,6 +12,9 @@ fn main() -> ExitCode {
         Command::Cut(args) => commands::cut::run(args).map(|s| s.failed.is_empty()),
         Command::Models(cmd) => commands::models::run(cmd).map(|()| true),
         Command::Bench(args) => commands::bench::run(args).map(|()| true),
+        Command::Serve(args) => args.resolve().and_then(removebgd::app::serve).map(|()| true),
+        Command::Accounts(cmd) => commands::admin::accounts(cmd).map(|()| true),
+        Command::Keys(cmd) => commands::admin::keys(cmd).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! The command-line front-ends: each subcommand's behaviour, on top of `app` and the engine.
 
+pub mod admin;
 pub mod bench;
 pub mod cut;
 pub mod models;

@@ -1,0 +1,163 @@
+//! One error shape for every response that is not a success:
+//! `{"error": {"status": 402, "code": "insufficient_credits", "message": "…", "request_id": "req_…"}}`.
+//! Status codes are decided here and only here. 500s are logged in full and shown as nothing
+//! more than "internal error" plus the request id.
+
+use axum::extract::Request;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tracing::Instrument;
+
+use crate::engine::{EngineError, ImageError};
+use crate::fetch::FetchError;
+use crate::jobs::JobError;
+use crate::store::StoreError;
+
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    pub fn too_large(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+    }
+
+    pub fn not_found(code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::NOT_FOUND, code, message)
+    }
+
+    pub fn too_many(message: impl Into<String>, retry_after: u64) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after.max(1)),
+            ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+        }
+    }
+
+    /// Logs the cause; the client only learns that something went wrong on our side.
+    pub fn internal(cause: impl std::fmt::Display) -> ApiError {
+        tracing::error!(error = %cause, "internal error");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal_error",
+            "internal error; contact the operator with the request id",
+        )
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(e: JobError) -> ApiError {
+        let code = e.code();
+        match e {
+            JobError::NoCredits { .. } => ApiError::new(
+                StatusCode::PAYMENT_REQUIRED,
+                code,
+                format!("{e}; wait for the monthly reset or ask the operator for more credits"),
+            ),
+            JobError::Fetch(FetchError::TooLarge { .. }) => ApiError::too_large(e.to_string()),
+            JobError::Fetch(f) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, f.to_string()),
+            JobError::Engine(EngineError::Image(i @ ImageError::Encode(_))) => ApiError::internal(i),
+            JobError::Engine(EngineError::Image(i)) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, i.to_string())
+            }
+            JobError::NotFound(m) => ApiError::not_found(code, m),
+            JobError::Engine(_) | JobError::Internal(_) => ApiError::internal(e),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> ApiError {
+        JobError::from(e).into()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        // The body needs the request id, which only the middleware knows: it renders this.
+        let mut res = self.status.into_response();
+        if let Some(secs) = self.retry_after {
+            res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        res.extensions_mut().insert(self);
+        res
+    }
+}
+
+fn render(err: &ApiError, id: &str) -> Response {
+    let body = json!({
+        "error": {
+            "status": err.status.as_u16(),
+            "code": err.code,
+            "message": err.message,
+            "request_id": id,
+        }
+    });
+    (err.status, axum::Json(body)).into_response()
+}
+
+/// Gives every request an id and a span, renders errors with it, sets `X-Request-Id`, and turns
+/// axum's own plain-text rejections (405) into the JSON shape.
+pub async fn request_id(req: Request, next: Next) -> Response {
+    let id = format!("req_{}", crate::store::token(8));
+    let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
+    let started = std::time::Instant::now();
+    let mut res = next.run(req).instrument(span.clone()).await;
+    let err = res.extensions_mut().remove::<ApiError>().or_else(|| {
+        (res.status() == StatusCode::METHOD_NOT_ALLOWED).then(|| {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not accept that method",
+            )
+        })
+    });
+    if let Some(err) = err {
+        let mut rendered = render(&err, &id);
+        for name in [header::RETRY_AFTER, header::ALLOW] {
+            if let Some(v) = res.headers().get(&name) {
+                rendered.headers_mut().insert(name, v.clone());
+            }
+        }
+        res = rendered;
+    }
+    span.in_scope(|| {
+        tracing::info!(
+            status = res.status().as_u16(),
+            ms = started.elapsed().as_millis() as u64,
+            "request done"
+        )
+    });
+    res.headers_mut().insert(
+        "x-request-id",
+        HeaderValue::from_str(&id).expect("hex id is a valid header"),
+    );
+    res
+}
+
+/// Unknown paths.
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("not_found", "no such endpoint; see the API section of the README")
+}

@@ -1,0 +1,117 @@
+//! The REST API (see README "API"): routes per resource, the auth extractor, error mapping and
+//! body limits. The only module that knows HTTP status codes.
+
+mod auth;
+mod batch;
+mod error;
+mod process;
+mod quota;
+mod results;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, header};
+use axum::routing::{get, post};
+
+pub use auth::{PollLimiter, RateLimiter};
+pub use error::ApiError;
+
+use crate::jobs::Jobs;
+
+/// Largest image accepted as base64, upload or download (decoded bytes).
+pub const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
+/// Largest request body for /process: a 10 MiB image as base64 (4/3) plus JSON or multipart framing.
+pub const PROCESS_BODY_LIMIT: usize = 15 * 1024 * 1024;
+/// Largest request body for /batch: 100 URLs need far less.
+pub const BATCH_BODY_LIMIT: usize = 1024 * 1024;
+/// `return_base64` results larger than this come back as `result_url` only.
+pub const MAX_BASE64_RESULT: usize = 5 * 1024 * 1024;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub jobs: Jobs,
+    pub rate: Arc<RateLimiter>,
+    pub polls: Arc<PollLimiter>,
+    /// Configured public base URL; otherwise the request's Host, otherwise `fallback_url`.
+    pub public_url: Option<String>,
+    pub fallback_url: String,
+}
+
+impl AppState {
+    /// The base URL a client reaches us at, for `result_url`.
+    fn base_url(&self, headers: &HeaderMap) -> String {
+        if let Some(u) = &self.public_url {
+            return u.clone();
+        }
+        let host = headers
+            .get(axum::http::header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .filter(|h| {
+                !h.is_empty() && h.len() < 256 && h.bytes().all(|b| b.is_ascii_alphanumeric() || b".-:[]_".contains(&b))
+            });
+        match host {
+            Some(h) => format!("http://{h}"),
+            None => self.fallback_url.clone(),
+        }
+    }
+
+    fn result_url(&self, headers: &HeaderMap, file: &str) -> String {
+        format!("{}/v1/removebg/results/{file}", self.base_url(headers))
+    }
+}
+
+/// Reads the whole body (at most `limit` bytes) before anything else can fail: a client still
+/// uploading when we answer 401 or 400 would otherwise see a reset connection, not the answer.
+async fn read_body(req: Request, limit: usize) -> Result<(Parts, Bytes), ApiError> {
+    let (parts, body) = req.into_parts();
+    let too_large = || ApiError::too_large(format!("the request body is larger than the {} MB limit", limit >> 20));
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    match axum::body::to_bytes(body, limit).await {
+        Ok(bytes) => Ok((parts, bytes)),
+        Err(e) => {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(c) = cause {
+                if c.is::<http_body_util::LengthLimitError>() {
+                    return Err(too_large());
+                }
+                cause = c.source();
+            }
+            Err(ApiError::bad_request(
+                "invalid_request",
+                "the request body could not be read",
+            ))
+        }
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let api = Router::new()
+        .route(
+            "/process",
+            post(process::process).layer(DefaultBodyLimit::max(PROCESS_BODY_LIMIT)),
+        )
+        .route(
+            "/batch",
+            post(batch::submit).layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT)),
+        )
+        .route("/batch/{id}", get(batch::poll))
+        .route("/quota", get(quota::quota))
+        .route("/results/{file}", get(results::result));
+    Router::new()
+        .nest("/v1/removebg", api)
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback(error::not_found)
+        .layer(axum::middleware::from_fn(error::request_id))
+        .with_state(state)
+}

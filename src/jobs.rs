@@ -1,0 +1,433 @@
+//! The use cases: process one image, run batch items, sweep expired results. Knows nothing of
+//! HTTP or MQTT. Every job is recorded (and its credit reserved) before work starts and
+//! settled in one transaction after, so credits are never lost or charged twice.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, Semaphore};
+use tracing::Instrument;
+
+use crate::clock;
+use crate::engine::{BgColor, CutOptions, Engine, EngineError, OutputFormat, OutputSize, Pool};
+use crate::fetch::{FetchError, ImageFetcher};
+use crate::store::{self, ClaimedJob, Finished, NewBatchItem, NewJob, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    #[error("not enough credits: {needed} needed, {available} remaining")]
+    NoCredits { needed: i64, available: i64 },
+    #[error(transparent)]
+    Fetch(#[from] FetchError),
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for JobError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NoCredits { needed, available } => JobError::NoCredits { needed, available },
+            StoreError::NotFound(m) => JobError::NotFound(m),
+            other => JobError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl JobError {
+    /// Stable machine-readable code, shared by every front end.
+    pub fn code(&self) -> &'static str {
+        match self {
+            JobError::NoCredits { .. } => "insufficient_credits",
+            JobError::Fetch(e) => e.code(),
+            JobError::Engine(EngineError::Image(e)) => e.code(),
+            JobError::Engine(_) | JobError::Internal(_) => "internal_error",
+            JobError::NotFound(_) => "not_found",
+        }
+    }
+}
+
+/// Where the image comes from.
+pub enum Source {
+    Bytes(Vec<u8>),
+    Url(String),
+}
+
+/// Output options, as validated by the front end.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    pub format: OutputFormat,
+    pub size: OutputSize,
+    pub bg_color: Option<BgColor>,
+}
+
+impl Options {
+    fn cut(&self) -> CutOptions {
+        CutOptions {
+            format: self.format,
+            size: self.size,
+            bg_color: self.bg_color,
+            mask_only: false,
+        }
+    }
+
+    fn size_name(&self) -> &'static str {
+        match self.size {
+            OutputSize::Preview => "preview",
+            OutputSize::Full => "full",
+        }
+    }
+
+    fn bg_text(&self) -> Option<String> {
+        self.bg_color
+            .map(|BgColor([r, g, b, a])| format!("#{r:02x}{g:02x}{b:02x}{a:02x}"))
+    }
+
+    fn from_stored(format: &str, size: &str, bg: Option<&str>) -> Options {
+        Options {
+            format: if format == "webp" {
+                OutputFormat::Webp
+            } else {
+                OutputFormat::Png
+            },
+            size: if size == "preview" {
+                OutputSize::Preview
+            } else {
+                OutputSize::Full
+            },
+            bg_color: bg.and_then(|b| b.parse().ok()),
+        }
+    }
+}
+
+/// A finished cutout.
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub id: String,
+    pub file: String,
+    pub width: u32,
+    pub height: u32,
+    pub expires_at: i64,
+    pub content_type: &'static str,
+    /// The encoded image (for `return_base64`).
+    pub bytes: Arc<Vec<u8>>,
+}
+
+pub struct Settings {
+    pub results_dir: PathBuf,
+    pub result_ttl: Duration,
+}
+
+struct Inner {
+    engine: Arc<Engine>,
+    pool: Pool,
+    store: Store,
+    fetcher: ImageFetcher,
+    settings: Settings,
+    queue_wakeup: Notify,
+}
+
+/// Cheap handle to the job machinery.
+#[derive(Clone)]
+pub struct Jobs(Arc<Inner>);
+
+pub fn new_id(kind: &str) -> String {
+    format!("{kind}_{}", store::token(16))
+}
+
+impl Jobs {
+    pub fn new(engine: Arc<Engine>, workers: usize, store: Store, fetcher: ImageFetcher, settings: Settings) -> Jobs {
+        Jobs(Arc::new(Inner {
+            engine,
+            pool: Pool::new(workers),
+            store,
+            fetcher,
+            settings,
+            queue_wakeup: Notify::new(),
+        }))
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.0.engine
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.0.pool
+    }
+
+    pub fn results_dir(&self) -> &Path {
+        &self.0.settings.results_dir
+    }
+
+    /// Runs a store call on a blocking thread.
+    pub async fn db<T, F>(&self, f: F) -> Result<T, JobError>
+    where
+        F: FnOnce(&Store) -> store::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.0.store.clone();
+        let span = tracing::Span::current();
+        tokio::task::spawn_blocking(move || span.in_scope(|| f(&store)))
+            .await
+            .map_err(|e| JobError::Internal(format!("database task: {e}")))?
+            .map_err(JobError::from)
+    }
+
+    /// Processes one image for `account`, charging one credit on success and nothing otherwise.
+    /// The work runs in its own task: a caller that goes away does not abandon a reserved credit.
+    pub async fn process(
+        &self,
+        account: i64,
+        source: Source,
+        opts: Options,
+        origin: &'static str,
+    ) -> Result<Done, JobError> {
+        let id = new_id("rbg");
+        let job = NewJob {
+            id: id.clone(),
+            account_id: account,
+            source: origin,
+            client_ref: None,
+            image_url: match &source {
+                Source::Url(u) => Some(u.clone()),
+                Source::Bytes(_) => None,
+            },
+            output_format: opts.format.extension().into(),
+            output_size: opts.size_name().into(),
+            bg_color: opts.bg_text(),
+        };
+        self.db(move |s| s.start_job(&job)).await?;
+        let this = self.clone();
+        let span = tracing::info_span!("job", job_id = %id);
+        tokio::spawn(async move { this.run(id, source, opts).await }.instrument(span))
+            .await
+            .map_err(|e| JobError::Internal(format!("job task: {e}")))?
+    }
+
+    /// Records a batch (reserving a credit per item) and wakes the runners.
+    pub async fn submit_batch(
+        &self,
+        account: i64,
+        items: Vec<(String, Option<String>)>,
+        opts: Options,
+    ) -> Result<(String, i64), JobError> {
+        let batch_id = new_id("batch");
+        let template = NewJob {
+            id: String::new(),
+            account_id: account,
+            source: "batch",
+            client_ref: None,
+            image_url: None,
+            output_format: opts.format.extension().into(),
+            output_size: opts.size_name().into(),
+            bg_color: opts.bg_text(),
+        };
+        let items: Vec<NewBatchItem> = items
+            .into_iter()
+            .map(|(url, client_ref)| NewBatchItem {
+                job_id: new_id("rbg"),
+                client_ref,
+                url,
+            })
+            .collect();
+        let id = batch_id.clone();
+        let created = self.db(move |s| s.create_batch(&id, &template, &items)).await?;
+        self.0.queue_wakeup.notify_one();
+        Ok((batch_id, created))
+    }
+
+    async fn run(&self, id: String, source: Source, opts: Options) -> Result<Done, JobError> {
+        match self.produce(&id, source, opts).await {
+            Ok(done) => {
+                let finished = Finished {
+                    width: done.width,
+                    height: done.height,
+                    file: done.file.clone(),
+                    content_type: done.content_type.into(),
+                    bytes: done.bytes.len() as u64,
+                    expires_at: done.expires_at,
+                };
+                let job = id.clone();
+                if let Err(e) = self.db(move |s| s.complete_job(&job, &finished)).await {
+                    tracing::error!(error = %e, "could not record a finished job");
+                    let _ = std::fs::remove_file(self.results_dir().join(&done.file));
+                    self.settle_failure(&id, &e).await;
+                    return Err(e);
+                }
+                tracing::info!(width = done.width, height = done.height, "job completed");
+                Ok(done)
+            }
+            Err(e) => {
+                self.settle_failure(&id, &e).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn settle_failure(&self, id: &str, e: &JobError) {
+        let (job, code, message) = (id.to_owned(), e.code(), e.to_string());
+        match &e {
+            JobError::Internal(_) | JobError::Engine(EngineError::Model(_) | EngineError::Inference(_)) => {
+                tracing::error!(error = %e, "job failed")
+            }
+            _ => tracing::info!(code, error = %e, "job failed"),
+        }
+        if let Err(db) = self.db(move |s| s.fail_job(&job, code, &message)).await {
+            tracing::error!(error = %db, "could not record a failed job");
+        }
+    }
+
+    /// Fetches if needed, cuts on the worker pool and writes the result file.
+    async fn produce(&self, id: &str, source: Source, opts: Options) -> Result<Done, JobError> {
+        let input = match source {
+            Source::Bytes(b) => b,
+            Source::Url(url) => self.0.fetcher.get(&url).await?,
+        };
+        let engine = Arc::clone(&self.0.engine);
+        let file = format!("{id}.{}", opts.format.extension());
+        let path = self.results_dir().join(&file);
+        let ttl = self.0.settings.result_ttl;
+        self.0
+            .pool
+            .submit(move || -> Result<Done, JobError> {
+                let cut = engine.cut(&input, &opts.cut())?;
+                drop(input);
+                write_atomically(&path, &cut.bytes)
+                    .map_err(|e| JobError::Internal(format!("writing {}: {e}", path.display())))?;
+                tracing::debug!(total_ms = cut.timings.total().as_millis() as u64, "cutout written");
+                Ok(Done {
+                    id: path.file_stem().unwrap_or_default().to_string_lossy().into_owned(),
+                    file,
+                    width: cut.width,
+                    height: cut.height,
+                    expires_at: clock::now() + ttl.as_secs() as i64,
+                    content_type: opts.format.content_type(),
+                    bytes: Arc::new(cut.bytes),
+                })
+            })
+            .await
+            .map_err(|e| JobError::Internal(e.to_string()))?
+    }
+
+    /// Keeps up to `workers + 1` queued batch items in flight (one extra so a download overlaps
+    /// inference), forever.
+    pub async fn run_queue(self) {
+        let slots = Arc::new(Semaphore::new(self.0.pool.workers() + 1));
+        loop {
+            let permit = Arc::clone(&slots)
+                .acquire_owned()
+                .await
+                .expect("semaphore never closed");
+            let claimed = match self.db(|s| s.claim_next()).await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "could not read the job queue");
+                    None
+                }
+            };
+            match claimed {
+                Some(job) => {
+                    let this = self.clone();
+                    let span = tracing::info_span!("job", job_id = %job.id, batch_id = job.batch_id.as_deref());
+                    tokio::spawn(
+                        async move {
+                            this.run_claimed(job).await;
+                            drop(permit);
+                        }
+                        .instrument(span),
+                    );
+                }
+                None => {
+                    drop(permit);
+                    // New batches notify; the timeout covers work queued by another process.
+                    let _ = tokio::time::timeout(Duration::from_secs(5), self.0.queue_wakeup.notified()).await;
+                }
+            }
+        }
+    }
+
+    async fn run_claimed(&self, job: ClaimedJob) {
+        let opts = Options::from_stored(&job.output_format, &job.output_size, job.bg_color.as_deref());
+        let _ = self.run(job.id, Source::Url(job.image_url), opts).await;
+    }
+
+    /// Start-up housekeeping before serving: settle jobs the last process left, delete result
+    /// files no row knows (written just before a crash).
+    pub async fn recover(&self) -> Result<(), JobError> {
+        let r = self.db(|s| s.recover()).await?;
+        if r.requeued + r.abandoned > 0 {
+            tracing::warn!(
+                requeued = r.requeued,
+                abandoned = r.abandoned,
+                "recovered jobs from the last run"
+            );
+        }
+        let dir = self.results_dir().to_owned();
+        let store = self.0.store.clone();
+        let removed = tokio::task::spawn_blocking(move || -> Result<usize, JobError> {
+            let mut removed = 0;
+            for entry in std::fs::read_dir(&dir).map_err(|e| JobError::Internal(e.to_string()))? {
+                let entry = entry.map_err(|e| JobError::Internal(e.to_string()))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !store.result_known(&name)? {
+                    std::fs::remove_file(entry.path()).map_err(|e| JobError::Internal(e.to_string()))?;
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+        .await
+        .map_err(|e| JobError::Internal(e.to_string()))??;
+        if removed > 0 {
+            tracing::info!(removed, "deleted result files without a record");
+        }
+        Ok(())
+    }
+
+    /// Deletes expired results (file first, then row) and applies due monthly resets.
+    pub async fn sweep(&self) -> Result<usize, JobError> {
+        let now = clock::now();
+        let resets = self.db(move |s| s.roll_periods(now)).await?;
+        if resets > 0 {
+            tracing::info!(accounts = resets, "credit period reset");
+        }
+        let expired = self.db(move |s| s.expired_results(now)).await?;
+        let dir = self.results_dir().to_owned();
+        let n = expired.len();
+        for file in expired {
+            match tokio::fs::remove_file(dir.join(&file)).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file, error = %e, "could not delete an expired result");
+                    continue;
+                }
+            }
+            self.db(move |s| s.delete_result(&file)).await?;
+        }
+        Ok(n)
+    }
+
+    pub async fn sweep_forever(self, every: Duration) {
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = self.sweep().await {
+                tracing::error!(error = %e, "sweep failed");
+            }
+        }
+    }
+}
+
+/// Writes to a hidden temporary name and renames, so a reader never sees half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.partial"));
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}

@@ -1,0 +1,459 @@
+//! Jobs (one image each) and batches. A job's credit is reserved when the job is recorded and
+//! settled in the same transaction that records its outcome, so a credit is never lost or
+//! charged twice, whatever happens in between.
+
+use rusqlite::{OptionalExtension, Row, Transaction, params};
+
+use super::accounts::{ledger, reserve};
+use super::{Result, Store, StoreError};
+use crate::clock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobStatus {
+    Queued,
+    Running,
+    Completed,
+    Failed,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+        }
+    }
+
+    fn parse(s: &str) -> JobStatus {
+        match s {
+            "queued" => JobStatus::Queued,
+            "running" => JobStatus::Running,
+            "completed" => JobStatus::Completed,
+            _ => JobStatus::Failed,
+        }
+    }
+}
+
+/// A job about to run now (single request): options as the API spells them.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub id: String,
+    pub account_id: i64,
+    pub source: &'static str,
+    pub client_ref: Option<String>,
+    pub image_url: Option<String>,
+    pub output_format: String,
+    pub output_size: String,
+    pub bg_color: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewBatchItem {
+    pub job_id: String,
+    pub client_ref: Option<String>,
+    pub url: String,
+}
+
+/// A queued batch item handed to a runner.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: String,
+    pub account_id: i64,
+    pub batch_id: Option<String>,
+    pub image_url: String,
+    pub output_format: String,
+    pub output_size: String,
+    pub bg_color: Option<String>,
+}
+
+/// A successful outcome to record.
+#[derive(Debug, Clone)]
+pub struct Finished {
+    pub width: u32,
+    pub height: u32,
+    pub file: String,
+    pub content_type: String,
+    pub bytes: u64,
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchItem {
+    pub job_id: String,
+    pub client_ref: Option<String>,
+    pub status: JobStatus,
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    pub result_file: Option<String>,
+    pub expires_at: Option<i64>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BatchView {
+    pub id: String,
+    pub total: i64,
+    pub completed: i64,
+    pub failed: i64,
+    pub created_at: i64,
+    pub items: Vec<BatchItem>,
+}
+
+impl BatchView {
+    pub fn finished(&self) -> bool {
+        self.completed + self.failed == self.total
+    }
+}
+
+/// What start-up recovery did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Recovery {
+    /// Batch items that were running when the process stopped, queued again.
+    pub requeued: usize,
+    /// Single requests whose client and input are gone; failed, their credit released.
+    pub abandoned: usize,
+}
+
+fn insert_job(
+    tx: &Transaction,
+    j: &NewJob,
+    status: JobStatus,
+    batch: Option<(&str, usize)>,
+    now: i64,
+) -> rusqlite::Result<usize> {
+    tx.execute(
+        "INSERT INTO jobs (id, account_id, batch_id, position, client_ref, source, image_url, output_format,
+                           output_size, bg_color, status, reserved, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, ?12)",
+        params![
+            j.id,
+            j.account_id,
+            batch.map(|b| b.0),
+            batch.map(|b| b.1 as i64),
+            j.client_ref,
+            j.source,
+            j.image_url,
+            j.output_format,
+            j.output_size,
+            j.bg_color,
+            status.as_str(),
+            now
+        ],
+    )
+}
+
+fn held_credit(tx: &Transaction, job: &str) -> Result<(i64, bool)> {
+    tx.query_row(
+        "SELECT account_id, reserved FROM jobs WHERE id = ?1 AND status IN ('queued', 'running')",
+        [job],
+        |r| Ok((r.get(0)?, r.get::<_, i64>(1)? == 1)),
+    )
+    .optional()?
+    .ok_or_else(|| StoreError::NotFound(format!("job {job} is not in progress")))
+}
+
+impl Store {
+    /// Records a job that starts now and reserves its credit; `NoCredits` records nothing.
+    pub fn start_job(&self, job: &NewJob) -> Result<()> {
+        let now = clock::now();
+        self.write(|tx| {
+            reserve(tx, job.account_id, 1, &job.id)?;
+            insert_job(tx, job, JobStatus::Running, None, now)?;
+            Ok(())
+        })
+    }
+
+    /// Records a batch and all its items, reserving one credit per item, or nothing at all.
+    pub fn create_batch(&self, batch_id: &str, template: &NewJob, items: &[NewBatchItem]) -> Result<i64> {
+        let now = clock::now();
+        self.write(|tx| {
+            reserve(tx, template.account_id, items.len() as i64, batch_id)?;
+            tx.execute(
+                "INSERT INTO batches (id, account_id, total, created_at) VALUES (?1, ?2, ?3, ?4)",
+                params![batch_id, template.account_id, items.len() as i64, now],
+            )?;
+            for (pos, item) in items.iter().enumerate() {
+                let job = NewJob {
+                    id: item.job_id.clone(),
+                    client_ref: item.client_ref.clone(),
+                    image_url: Some(item.url.clone()),
+                    ..template.clone()
+                };
+                insert_job(tx, &job, JobStatus::Queued, Some((batch_id, pos)), now)?;
+            }
+            Ok(now)
+        })
+    }
+
+    /// Marks the oldest queued job running and returns it.
+    pub fn claim_next(&self) -> Result<Option<ClaimedJob>> {
+        self.write(|tx| {
+            let job = tx
+                .query_row(
+                    "SELECT id, account_id, batch_id, image_url, output_format, output_size, bg_color FROM jobs
+                     WHERE status = 'queued' ORDER BY created_at, batch_id, position LIMIT 1",
+                    [],
+                    |r| {
+                        Ok(ClaimedJob {
+                            id: r.get(0)?,
+                            account_id: r.get(1)?,
+                            batch_id: r.get(2)?,
+                            image_url: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
+                            output_format: r.get(4)?,
+                            output_size: r.get(5)?,
+                            bg_color: r.get(6)?,
+                        })
+                    },
+                )
+                .optional()?;
+            if let Some(j) = &job {
+                tx.execute("UPDATE jobs SET status = 'running' WHERE id = ?1", [&j.id])?;
+            }
+            Ok(job)
+        })
+    }
+
+    /// Records success: the job is completed, its credit charged, its result registered.
+    pub fn complete_job(&self, job: &str, done: &Finished) -> Result<()> {
+        let now = clock::now();
+        self.write(|tx| {
+            let (account, reserved) = held_credit(tx, job)?;
+            ledger(tx, account, "charge", 1, if reserved { -1 } else { 0 }, Some(job), None)?;
+            tx.execute(
+                "UPDATE jobs SET status = 'completed', reserved = 0, width = ?2, height = ?3, result_file = ?4,
+                                 expires_at = ?5, finished_at = ?6 WHERE id = ?1",
+                params![job, done.width, done.height, done.file, done.expires_at, now],
+            )?;
+            tx.execute(
+                "INSERT INTO results (file, job_id, content_type, bytes, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![done.file, job, done.content_type, done.bytes as i64, done.expires_at],
+            )?;
+            finish_batch_if_done(tx, job, now)
+        })
+    }
+
+    /// Records failure: the job is failed and its reserved credit released.
+    pub fn fail_job(&self, job: &str, code: &str, message: &str) -> Result<()> {
+        let now = clock::now();
+        self.write(|tx| {
+            let (account, reserved) = held_credit(tx, job)?;
+            if reserved {
+                ledger(tx, account, "release", 0, -1, Some(job), Some(code))?;
+            }
+            tx.execute(
+                "UPDATE jobs SET status = 'failed', reserved = 0, error_code = ?2, error_message = ?3, finished_at = ?4
+                 WHERE id = ?1",
+                params![job, code, message, now],
+            )?;
+            finish_batch_if_done(tx, job, now)
+        })
+    }
+
+    /// At start-up, before any work: running batch items go back to the queue; single requests
+    /// that were in flight cannot be answered any more, so they fail and release their credit.
+    pub fn recover(&self) -> Result<Recovery> {
+        let abandoned: Vec<String> = {
+            let conn = self.conn();
+            let mut stmt =
+                conn.prepare("SELECT id FROM jobs WHERE batch_id IS NULL AND status IN ('queued', 'running')")?;
+            stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+        };
+        for id in &abandoned {
+            self.fail_job(id, "interrupted", "removebgd stopped while processing this image")?;
+        }
+        let requeued = self.write(|tx| {
+            Ok(tx.execute(
+                "UPDATE jobs SET status = 'queued' WHERE batch_id IS NOT NULL AND status = 'running'",
+                [],
+            )?)
+        })?;
+        Ok(Recovery {
+            requeued,
+            abandoned: abandoned.len(),
+        })
+    }
+
+    /// The batch if it belongs to `account`.
+    pub fn batch(&self, account: i64, batch_id: &str) -> Result<Option<BatchView>> {
+        let conn = self.conn();
+        let Some((total, created_at)) = conn
+            .query_row(
+                "SELECT total, created_at FROM batches WHERE id = ?1 AND account_id = ?2",
+                params![batch_id, account],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+            )
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let mut stmt = conn.prepare(
+            "SELECT id, client_ref, status, width, height, result_file, expires_at, error_code, error_message
+             FROM jobs WHERE batch_id = ?1 ORDER BY position",
+        )?;
+        let items: Vec<BatchItem> = stmt
+            .query_map([batch_id], |r: &Row| {
+                Ok(BatchItem {
+                    job_id: r.get(0)?,
+                    client_ref: r.get(1)?,
+                    status: JobStatus::parse(&r.get::<_, String>(2)?),
+                    width: r.get(3)?,
+                    height: r.get(4)?,
+                    result_file: r.get(5)?,
+                    expires_at: r.get(6)?,
+                    error_code: r.get(7)?,
+                    error_message: r.get(8)?,
+                })
+            })?
+            .collect::<rusqlite::Result<_>>()?;
+        let count = |s| items.iter().filter(|i| i.status == s).count() as i64;
+        Ok(Some(BatchView {
+            id: batch_id.to_owned(),
+            total,
+            completed: count(JobStatus::Completed),
+            failed: count(JobStatus::Failed),
+            created_at,
+            items,
+        }))
+    }
+
+    /// Jobs queued for a runner.
+    pub fn queued_jobs(&self) -> Result<i64> {
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*) FROM jobs WHERE status = 'queued'", [], |r| r.get(0))?)
+    }
+}
+
+fn finish_batch_if_done(tx: &Transaction, job: &str, now: i64) -> Result<()> {
+    tx.execute(
+        "UPDATE batches SET finished_at = ?2
+         WHERE id = (SELECT batch_id FROM jobs WHERE id = ?1) AND finished_at IS NULL
+           AND NOT EXISTS (SELECT 1 FROM jobs WHERE batch_id = batches.id AND status IN ('queued', 'running'))",
+        params![job, now],
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::testing::store;
+
+    fn job(id: &str, account: i64) -> NewJob {
+        NewJob {
+            id: id.into(),
+            account_id: account,
+            source: "http",
+            client_ref: None,
+            image_url: None,
+            output_format: "png".into(),
+            output_size: "full".into(),
+            bg_color: None,
+        }
+    }
+
+    fn finished(file: &str) -> Finished {
+        Finished {
+            width: 4,
+            height: 3,
+            file: file.into(),
+            content_type: "image/png".into(),
+            bytes: 10,
+            expires_at: clock::now() + 60,
+        }
+    }
+
+    #[test]
+    fn a_job_is_charged_once_and_a_failure_costs_nothing() {
+        let (s, _d) = store();
+        let a = s.create_account("k", "Pro", 2, 1, clock::now()).unwrap();
+        s.start_job(&job("j1", a.id)).unwrap();
+        s.start_job(&job("j2", a.id)).unwrap();
+        assert!(matches!(
+            s.start_job(&job("j3", a.id)),
+            Err(StoreError::NoCredits { .. })
+        ));
+        s.complete_job("j1", &finished("j1.png")).unwrap();
+        s.fail_job("j2", "corrupt_image", "bad").unwrap();
+        assert!(s.complete_job("j1", &finished("again.png")).is_err(), "settled twice");
+        assert!(s.fail_job("j2", "x", "y").is_err());
+        let q = s.quota(a.id).unwrap();
+        assert_eq!((q.credits_used, q.credits_remaining), (1, 1));
+        assert_eq!(s.ledger_sums(a.id).unwrap(), (1, 0));
+        let jobs: i64 = s
+            .conn()
+            .query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(jobs, 2, "the refused job left no row");
+    }
+
+    #[test]
+    fn a_batch_reserves_everything_or_nothing_and_settles_per_item() {
+        let (s, _d) = store();
+        let a = s.create_account("k", "Pro", 3, 1, clock::now()).unwrap();
+        let items = |n: usize| -> Vec<NewBatchItem> {
+            (0..n)
+                .map(|i| NewBatchItem {
+                    job_id: format!("b{n}-{i}"),
+                    client_ref: Some(format!("ref{i}")),
+                    url: format!("http://cam/{i}.jpg"),
+                })
+                .collect()
+        };
+        assert!(matches!(
+            s.create_batch("big", &job("", a.id), &items(4)),
+            Err(StoreError::NoCredits {
+                needed: 4,
+                available: 3
+            })
+        ));
+        assert!(s.batch(a.id, "big").unwrap().is_none());
+        s.create_batch("b", &job("", a.id), &items(3)).unwrap();
+        let first = s.claim_next().unwrap().unwrap();
+        assert_eq!(first.id, "b3-0");
+        s.complete_job(&first.id, &finished("f0.png")).unwrap();
+        let second = s.claim_next().unwrap().unwrap();
+        s.fail_job(&second.id, "fetch_failed", "nope").unwrap();
+        let third = s.claim_next().unwrap().unwrap();
+        assert!(s.claim_next().unwrap().is_none());
+        // The process dies here; recovery queues the running item again.
+        assert_eq!(
+            s.recover().unwrap(),
+            Recovery {
+                requeued: 1,
+                abandoned: 0
+            }
+        );
+        assert_eq!(s.claim_next().unwrap().unwrap().id, third.id);
+        s.complete_job(&third.id, &finished("f2.png")).unwrap();
+        let v = s.batch(a.id, "b").unwrap().unwrap();
+        assert_eq!((v.total, v.completed, v.failed), (3, 2, 1));
+        assert!(v.finished());
+        let refs: Vec<_> = v.items.iter().map(|i| i.client_ref.clone().unwrap()).collect();
+        assert_eq!(refs, ["ref0", "ref1", "ref2"]);
+        assert!(
+            s.batch(a.id + 1, "b").unwrap().is_none(),
+            "another account's batch is invisible"
+        );
+        assert_eq!(s.ledger_sums(a.id).unwrap(), (2, 0));
+    }
+
+    #[test]
+    fn recovery_fails_interrupted_single_requests_and_releases_their_credit() {
+        let (s, _d) = store();
+        let a = s.create_account("k", "Pro", 1, 1, clock::now()).unwrap();
+        s.start_job(&job("j1", a.id)).unwrap();
+        assert_eq!(
+            s.recover().unwrap(),
+            Recovery {
+                requeued: 0,
+                abandoned: 1
+            }
+        );
+        assert_eq!(s.quota(a.id).unwrap().credits_remaining, 1);
+        assert_eq!(s.ledger_sums(a.id).unwrap(), (0, 0));
+    }
+}

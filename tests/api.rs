@@ -1,0 +1,741 @@
+//! The REST API over a real port: a real `removebgd serve` (u2netp), its SQLite file, real
+//! images, and a loopback image server for URLs.
+
+mod common;
+mod daemon;
+
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use common::*;
+use daemon::*;
+use serde_json::{Value, json};
+
+const ALLOW_LOOPBACK: [&str; 2] = ["--fetch-allow", "127.0.0.0/8"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_base64_returns_the_documented_fields_and_a_working_result_url() {
+    let d = Daemon::start(5, &[]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let input = read(fixture("chelsea.jpg"));
+    let (status, headers, v) = d
+        .post_json(
+            "/v1/removebg/process",
+            &key,
+            &json!({"image_base64": b64(&input), "output_format": "png"}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(headers["x-credits-charged"], "1");
+    assert!(headers.contains_key("x-request-id"));
+    let id = v["id"].as_str().unwrap();
+    assert!(id.starts_with("rbg_") && id.len() >= 36, "{id}");
+    assert_eq!(v["result_base64"], Value::Null);
+    assert_eq!((v["width"].as_u64(), v["height"].as_u64()), (Some(451), Some(300)));
+    assert_eq!(v["credits_used"], 1);
+    let expires = v["expires_at"].as_str().unwrap();
+    assert!(expires.len() == 20 && expires.ends_with('Z'), "{expires}");
+    let url = v["result_url"].as_str().unwrap();
+    assert_eq!(url, d.url(&format!("/v1/removebg/results/{id}.png")));
+
+    // The result needs no key and is the cutout the engine makes.
+    let r = d.client.get(url).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["content-type"], "image/png");
+    let png = r.bytes().await.unwrap();
+    let (w, h, alpha) = alpha_of(&png);
+    assert_eq!((w, h), (451, 300));
+    let direct = u2netp().cut(&input, &Default::default()).unwrap();
+    assert!(mad(&alpha, &alpha_of(&direct.bytes).2) < 0.01);
+
+    let (_, _, q) = d.get("/v1/removebg/quota", &key).await;
+    assert_eq!(
+        (q["credits_used"].as_i64(), q["credits_remaining"].as_i64()),
+        (Some(1), Some(4))
+    );
+    assert_eq!(d.credits("shop"), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_options_preview_webp_colour_base64_and_multipart() {
+    let d = Daemon::start(10, &[]).await;
+    let key = d.key("shop", "removebg:images:process");
+    let input = read(images().join("rocket.jpg"));
+
+    let (status, _, v) = d
+        .post_json(
+            "/v1/removebg/process",
+            &key,
+            &json!({"image_base64": b64(&input), "output_format": "webp", "output_size": "preview",
+                    "bg_color": "#00ff00", "return_base64": true}),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (w, h) = (v["width"].as_u64().unwrap(), v["height"].as_u64().unwrap());
+    assert!(w * h <= 250_000 && w * h > 240_000, "{w}x{h}");
+    use base64::Engine as _;
+    let inline = base64::engine::general_purpose::STANDARD
+        .decode(v["result_base64"].as_str().unwrap())
+        .unwrap();
+    let served = d.client.get(v["result_url"].as_str().unwrap()).send().await.unwrap();
+    assert_eq!(served.headers()["content-type"], "image/webp");
+    assert_eq!(served.bytes().await.unwrap().as_ref(), inline.as_slice());
+    let img = image::load_from_memory(&inline).unwrap().into_rgba8();
+    assert!(
+        img.pixels().all(|p| p[3] == 255),
+        "an opaque bg_color gives an opaque image"
+    );
+
+    // multipart/form-data with an image_file part, as remove.bg clients send it.
+    let boundary = "XbOuNdArY";
+    let mut body = Vec::new();
+    body.extend_from_slice(
+        format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"output_size\"\r\n\r\npreview\r\n--{boundary}\r\n\
+             Content-Disposition: form-data; name=\"image_file\"; filename=\"c.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n"
+        )
+        .as_bytes(),
+    );
+    body.extend_from_slice(&input);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let r = d
+        .client
+        .post(d.url("/v1/removebg/process"))
+        .header("X-Api-Key", &key)
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    let (status, _, v) = split(r).await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert!(v["width"].as_u64().unwrap() < 640);
+    assert_eq!(d.credits("shop"), (2, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_by_url_fetches_from_an_allowed_lan_server_and_refuses_loopback_by_default() {
+    let images = image_server().await;
+    let allowed = Daemon::start(5, &ALLOW_LOOPBACK).await;
+    let key = allowed.key("shop", ALL_SCOPES);
+    let url = format!("http://{images}/img/rocket.jpg");
+    let (status, _, v) = allowed
+        .post_json("/v1/removebg/process", &key, &json!({"image_url": url}))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let (w, h) = image::image_dimensions(common::images().join("rocket.jpg")).unwrap();
+    assert_eq!(
+        (v["width"].as_u64(), v["height"].as_u64()),
+        (Some(w as u64), Some(h as u64))
+    );
+
+    let strict = Daemon::start(5, &[]).await;
+    let key = strict.key("shop", ALL_SCOPES);
+    let (status, headers, v) = strict
+        .post_json("/v1/removebg/process", &key, &json!({"image_url": url}))
+        .await;
+    assert_eq!(
+        error_code(status, &headers, &v, StatusCode::UNPROCESSABLE_ENTITY),
+        "address_refused"
+    );
+    assert!(v["error"]["message"].as_str().unwrap().contains("127.0.0.1"), "{v}");
+    assert_eq!(strict.credits("shop"), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_in_the_table_has_the_documented_status_and_charges_nothing() {
+    let images = image_server().await;
+    let d = Daemon::start(3, &ALLOW_LOOPBACK).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let img = b64(&read(fixture("chelsea.jpg")));
+    let p = "/v1/removebg/process";
+
+    let cases: Vec<(Value, StatusCode, &str)> = vec![
+        (json!({}), StatusCode::BAD_REQUEST, "missing_image"),
+        (
+            json!({"image_url": "http://x/a.jpg", "image_base64": img}),
+            StatusCode::BAD_REQUEST,
+            "ambiguous_image",
+        ),
+        (
+            json!({"image_base64": img, "output_format": "jpg"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_output_format",
+        ),
+        (
+            json!({"image_base64": img, "output_size": "huge"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_output_size",
+        ),
+        (
+            json!({"image_base64": img, "bg_color": "blue-ish"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_bg_color",
+        ),
+        (
+            json!({"image_base64": "%%%"}),
+            StatusCode::BAD_REQUEST,
+            "invalid_base64",
+        ),
+        (
+            json!({"image_base64": b64(b"GIF89a not really")}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unsupported_format",
+        ),
+        (
+            json!({"image_base64": b64(&read(fixture("chelsea.jpg"))[..20_000])}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "corrupt_image",
+        ),
+        (
+            json!({"image_url": format!("http://{images}/img/missing.jpg")}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "fetch_status",
+        ),
+        (
+            json!({"image_url": format!("http://{images}/page.html")}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not_an_image",
+        ),
+        (
+            json!({"image_url": "ftp://example.org/a.jpg"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "unsupported_scheme",
+        ),
+        (
+            json!({"image_base64": "A".repeat(14_500_000)}),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+        ),
+    ];
+    for (body, want, code) in cases {
+        let (status, headers, v) = d.post_json(p, &key, &body).await;
+        assert_eq!(
+            error_code(status, &headers, &v, want),
+            code,
+            "{}",
+            &body.to_string()[..body.to_string().len().min(120)]
+        );
+    }
+
+    // Malformed JSON, a body over the limit and a wrong content type.
+    let raw = |ct: &'static str, body: Vec<u8>| {
+        d.client
+            .post(d.url(p))
+            .bearer_auth(&key)
+            .header("content-type", ct)
+            .body(body)
+            .send()
+    };
+    let (s, h, v) = split(raw("application/json", b"{\"image_url\": ".to_vec()).await.unwrap()).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::BAD_REQUEST), "malformed_json");
+    // A declared body over the limit is answered before it is sent (a client streaming it
+    // would see the connection close), so speak raw HTTP here.
+    let (s, v) = raw_http(
+        d.addr,
+        &format!(
+            "POST {p} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            16 * 1024 * 1024
+        ),
+    )
+    .await;
+    assert_eq!(
+        (s, v["error"]["code"].as_str()),
+        (413, Some("payload_too_large")),
+        "{v}"
+    );
+    let (s, h, v) = split(raw("text/plain", b"hello".to_vec()).await.unwrap()).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::BAD_REQUEST), "unsupported_media_type");
+
+    // Batch: too many images, bad URL; unknown batch; unknown route and method.
+    let many: Vec<Value> = (0..101)
+        .map(|i| json!({"url": format!("http://{images}/img/{i}.jpg")}))
+        .collect();
+    let (s, h, v) = d.post_json("/v1/removebg/batch", &key, &json!({"images": many})).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::BAD_REQUEST), "too_many_images");
+    let (s, h, v) = d
+        .post_json("/v1/removebg/batch", &key, &json!({"images": [{"url": "nope"}]}))
+        .await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::BAD_REQUEST), "invalid_url");
+    let (s, h, v) = d.get("/v1/removebg/batch/batch_doesnotexist", &key).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::NOT_FOUND), "batch_not_found");
+    let (s, h, v) = d.get("/v1/removebg/nothing", &key).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::NOT_FOUND), "not_found");
+    let (s, h, v) = d.get("/v1/removebg/process", &key).await;
+    assert_eq!(
+        error_code(s, &h, &v, StatusCode::METHOD_NOT_ALLOWED),
+        "method_not_allowed"
+    );
+    let (s, h, v) = split(
+        d.client
+            .get(d.url("/v1/removebg/results/rbg_0000.png"))
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::NOT_FOUND), "result_not_found");
+
+    // 500: the results directory is broken; the failure says nothing internal and costs nothing.
+    let results = d.data().join("results");
+    std::fs::remove_dir_all(&results).unwrap();
+    std::fs::write(&results, b"not a directory").unwrap();
+    let (s, h, v) = d.post_json(p, &key, &json!({"image_base64": img})).await;
+    assert_eq!(
+        error_code(s, &h, &v, StatusCode::INTERNAL_SERVER_ERROR),
+        "internal_error"
+    );
+    assert!(!v["error"]["message"].as_str().unwrap().contains("results"), "{v}");
+    std::fs::remove_file(&results).unwrap();
+    std::fs::create_dir(&results).unwrap();
+
+    assert_eq!(d.credits("shop"), (0, 0), "no failure was charged");
+    let jobs = d.store().queued_jobs().unwrap();
+    assert_eq!(jobs, 0);
+
+    // 402: spend the three credits, then the fourth is refused before any work.
+    for _ in 0..3 {
+        let (s, _, v) = d
+            .post_json(p, &key, &json!({"image_base64": img, "output_size": "preview"}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let (s, h, v) = d.post_json(p, &key, &json!({"image_base64": img})).await;
+    assert_eq!(
+        error_code(s, &h, &v, StatusCode::PAYMENT_REQUIRED),
+        "insufficient_credits"
+    );
+    let (s, h, v) = d
+        .post_json(
+            "/v1/removebg/batch",
+            &key,
+            &json!({"images": [{"url": format!("http://{images}/img/rocket.jpg")}]}),
+        )
+        .await;
+    assert_eq!(
+        error_code(s, &h, &v, StatusCode::PAYMENT_REQUIRED),
+        "insufficient_credits"
+    );
+    assert_eq!(d.credits("shop"), (3, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_missing_unknown_revoked_expired_get_401_and_missing_scopes_403() {
+    let d = Daemon::start(5, &[]).await;
+    let quota = "/v1/removebg/quota";
+    let r = d.client.get(d.url(quota)).send().await.unwrap();
+    let (s, h, v) = split(r).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::UNAUTHORIZED), "missing_api_key");
+    let (s, h, v) = d.get(quota, "xbk_live_0123456789abcdef0123456789abcdef01234567").await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::UNAUTHORIZED), "invalid_api_key");
+
+    let revoked = d.key("shop", ALL_SCOPES);
+    assert_eq!(d.get(quota, &revoked).await.0, StatusCode::OK);
+    d.admin(&["keys", "revoke", &revoked[..17]]);
+    let (s, h, v) = d.get(quota, &revoked).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::UNAUTHORIZED), "revoked_api_key");
+
+    let out = d.admin(&[
+        "keys",
+        "create",
+        "--account",
+        "shop",
+        "--scopes",
+        ALL_SCOPES,
+        "--expires-in",
+        "1s",
+    ]);
+    let expiring = out.lines().last().unwrap().trim().to_owned();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (s, h, v) = d.get(quota, &expiring).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::UNAUTHORIZED), "expired_api_key");
+
+    let img = b64(&read(fixture("chelsea.jpg")));
+    let all: Vec<&str> = ALL_SCOPES.split(',').collect();
+    let without = |scope: &str| {
+        d.key(
+            "shop",
+            &all.iter()
+                .filter(|s| **s != scope)
+                .copied()
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+    };
+    let k = without("removebg:images:process");
+    let (s, h, v) = d
+        .post_json("/v1/removebg/process", &k, &json!({"image_base64": img}))
+        .await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::FORBIDDEN), "missing_scope");
+    let batch = json!({"images": [{"url": "http://10.0.0.1/a.jpg"}]});
+    let (s, h, v) = d.post_json("/v1/removebg/batch", &k, &batch).await;
+    assert_eq!(
+        error_code(s, &h, &v, StatusCode::FORBIDDEN),
+        "missing_scope",
+        "batch needs process too"
+    );
+    let k = without("removebg:batch:write");
+    let (s, h, v) = d.post_json("/v1/removebg/batch", &k, &batch).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::FORBIDDEN), "missing_scope");
+    let k = without("removebg:batch:read");
+    let (s, h, v) = d.get("/v1/removebg/batch/batch_x", &k).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::FORBIDDEN), "missing_scope");
+    let k = without("removebg:quota:read");
+    let (s, h, v) = d.get(quota, &k).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::FORBIDDEN), "missing_scope");
+    assert_eq!(d.credits("shop"), (0, 0));
+
+    // Listings never show a key.
+    let listing = d.admin(&["keys", "list"]);
+    assert!(
+        !listing.contains(&revoked) && listing.contains(&revoked[..17]),
+        "{listing}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_requests_on_ten_credits_charge_exactly_ten() {
+    let d = Daemon::start(10, &["--workers", "2", "--rate-limit", "1000", "--rate-burst", "1000"]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let body = json!({"image_base64": b64(&read(fixture("chelsea.jpg"))), "output_size": "preview"});
+    let tasks: Vec<_> = (0..50)
+        .map(|_| {
+            let (client, url, key, body) = (
+                d.client.clone(),
+                d.url("/v1/removebg/process"),
+                key.clone(),
+                body.clone(),
+            );
+            tokio::spawn(async move {
+                let r = client
+                    .post(url)
+                    .bearer_auth(key)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .unwrap();
+                r.status()
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::OK => ok += 1,
+            StatusCode::PAYMENT_REQUIRED => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!((ok, refused), (10, 40));
+    assert_eq!(d.credits("shop"), (10, 0));
+}
+
+/// Sends `head` on a fresh connection and returns the status and JSON body of the answer.
+async fn raw_http(addr: std::net::SocketAddr, head: &str) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(head.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let (status, body) = loop {
+        let n = tokio::time::timeout(Duration::from_secs(10), conn.read(&mut chunk))
+            .await
+            .expect("an answer")
+            .unwrap();
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length:")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= len || n == 0 {
+                break (
+                    head.split_whitespace().nth(1).unwrap().parse().unwrap(),
+                    body[..len.min(body.len())].to_owned(),
+                );
+            }
+        }
+        assert!(n > 0, "connection closed early: {text}");
+    };
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+async fn poll_until_done(d: &Daemon, key: &str, id: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (s, _, v) = d.get(&format!("/v1/removebg/batch/{id}"), key).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        if v["status"] != "processing" {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "batch never finished: {v}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_runs_its_items_in_order_reports_failures_and_settles_credits() {
+    let images = image_server().await;
+    let d = Daemon::start(
+        10,
+        &[
+            "--fetch-allow",
+            "127.0.0.0/8",
+            "--batch-poll-interval",
+            "0",
+            "--workers",
+            "2",
+        ],
+    )
+    .await;
+    let key = d.key("shop", ALL_SCOPES);
+    let body = json!({
+        "images": [
+            {"url": format!("http://{images}/img/rocket.jpg"), "id": "prod_001"},
+            {"url": format!("http://{images}/img/chelsea.jpg"), "id": "prod_002"},
+            {"url": format!("http://{images}/img/gone.jpg"), "id": "prod_003"},
+            {"url": format!("http://{images}/img/coffee.png")}
+        ],
+        "output_format": "png"
+    });
+    let (s, _, v) = d.post_json("/v1/removebg/batch", &key, &body).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["job_id"].as_str().unwrap().to_owned();
+    assert!(id.starts_with("batch_"));
+    assert_eq!(v["status"], "processing");
+    assert_eq!(
+        (v["total"].as_i64(), v["credits_reserved"].as_i64()),
+        (Some(4), Some(4))
+    );
+    assert_eq!((v["completed"].as_i64(), v["failed"].as_i64()), (Some(0), Some(0)));
+    assert!(v["created_at"].as_str().unwrap().ends_with('Z'));
+
+    let v = poll_until_done(&d, &key, &id).await;
+    assert_eq!(v["status"], "completed");
+    assert_eq!(
+        (
+            v["completed"].as_i64(),
+            v["failed"].as_i64(),
+            v["credits_used"].as_i64()
+        ),
+        (Some(3), Some(1), Some(3))
+    );
+    let items = v["items"].as_array().unwrap();
+    let ids: Vec<&str> = items.iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert_eq!(&ids[..3], ["prod_001", "prod_002", "prod_003"]);
+    assert!(ids[3].starts_with("rbg_"), "an item without id gets ours");
+    assert_eq!(items[2]["status"], "failed");
+    assert!(
+        items[2]["error"].as_str().unwrap().contains("could not be fetched"),
+        "{}",
+        items[2]
+    );
+    for i in [0, 1, 3] {
+        assert_eq!(items[i]["status"], "completed");
+        let r = d
+            .client
+            .get(items[i]["result_url"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let (w, h, _) = alpha_of(&r.bytes().await.unwrap());
+        assert_eq!(
+            (Some(w as u64), Some(h as u64)),
+            (items[i]["width"].as_u64(), items[i]["height"].as_u64())
+        );
+    }
+    assert_eq!(d.credits("shop"), (3, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_batch_then_restart_completes_every_item_with_exact_credits() {
+    let images = image_server().await;
+    let mut d = Daemon::start(25, &["--fetch-allow", "127.0.0.0/8", "--batch-poll-interval", "0"]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let names = [
+        "rocket.jpg",
+        "coffee.png",
+        "chelsea.png",
+        "astronaut.png",
+        "motorcycle_left.png",
+    ];
+    let images_json: Vec<Value> = (0..20)
+        .map(|i| json!({"url": format!("http://{images}/img/{}", names[i % 5]), "id": format!("item{i}")}))
+        .collect();
+    let (s, _, v) = d
+        .post_json("/v1/removebg/batch", &key, &json!({"images": images_json}))
+        .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let id = v["job_id"].as_str().unwrap().to_owned();
+    // Let a few items finish, then kill the process without warning.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let before = loop {
+        let (_, _, v) = d.get(&format!("/v1/removebg/batch/{id}"), &key).await;
+        if v["completed"].as_i64().unwrap() >= 3 {
+            assert!(v["completed"].as_i64().unwrap() < 20, "too late to interrupt: {v}");
+            break v;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    d.kill();
+    let (used, reserved) = d.credits("shop");
+    assert!(
+        used >= 3 && used + reserved == 20,
+        "{used} used, {reserved} reserved: {before}"
+    );
+
+    d.launch().await;
+    let v = poll_until_done(&d, &key, &id).await;
+    assert_eq!(
+        (v["completed"].as_i64(), v["failed"].as_i64()),
+        (Some(20), Some(0)),
+        "{v}"
+    );
+    let items = v["items"].as_array().unwrap();
+    assert!(
+        items
+            .iter()
+            .enumerate()
+            .all(|(i, it)| it["id"] == format!("item{i}") && it["status"] == "completed")
+    );
+    assert_eq!(d.credits("shop"), (20, 0));
+    // Each item was recorded once: 20 charges in the ledger, 20 results.
+    let store = d.store();
+    assert_eq!(store.result_totals().unwrap().0, 20);
+    let files = listing(&d.data().join("results"));
+    assert_eq!(files.len(), 20, "no leftover or duplicate files: {files:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_expire_then_404_and_their_files_are_deleted() {
+    let d = Daemon::start(5, &["--result-ttl", "2s", "--sweep-interval", "1s"]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let (s, _, v) = d
+        .post_json(
+            "/v1/removebg/process",
+            &key,
+            &json!({"image_base64": b64(&read(fixture("chelsea.jpg"))), "output_size": "preview"}),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let url = v["result_url"].as_str().unwrap().to_owned();
+    let file = d.data().join("results").join(url.rsplit('/').next().unwrap());
+    assert!(file.is_file());
+    assert_eq!(d.client.get(&url).send().await.unwrap().status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(4500)).await;
+    assert_eq!(d.client.get(&url).send().await.unwrap().status(), StatusCode::NOT_FOUND);
+    assert!(!file.exists(), "the sweeper deleted the file");
+    assert_eq!(d.store().result_totals().unwrap(), (0, 0), "and its row");
+    assert_eq!(d.credits("shop"), (1, 0), "expiry does not refund");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_per_key_and_batch_polling_answer_429_with_retry_after() {
+    let d = Daemon::start(5, &["--rate-limit", "0.5", "--rate-burst", "3"]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let other = d.key("shop", ALL_SCOPES);
+    for _ in 0..3 {
+        assert_eq!(d.get("/v1/removebg/quota", &key).await.0, StatusCode::OK);
+    }
+    let (s, h, v) = d.get("/v1/removebg/quota", &key).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::TOO_MANY_REQUESTS), "rate_limited");
+    assert_eq!(h["retry-after"], "2");
+    assert_eq!(
+        d.get("/v1/removebg/quota", &other).await.0,
+        StatusCode::OK,
+        "another key is not limited"
+    );
+
+    let d = Daemon::start(5, &["--fetch-allow", "127.0.0.0/8"]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let (_, _, v) = d
+        .post_json(
+            "/v1/removebg/batch",
+            &key,
+            &json!({"images": [{"url": "http://127.0.0.1:9/a.jpg"}]}),
+        )
+        .await;
+    let path = format!("/v1/removebg/batch/{}", v["job_id"].as_str().unwrap());
+    assert_eq!(d.get(&path, &key).await.0, StatusCode::OK);
+    let (s, h, v) = d.get(&path, &key).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::TOO_MANY_REQUESTS), "rate_limited");
+    assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() <= 2);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(d.get(&path, &key).await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_start_creates_a_default_account_and_prints_a_working_key_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = bin()
+        .args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--model",
+            "u2netp",
+            "--threads",
+            "1",
+        ])
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("--models-dir")
+        .arg(dir.path().join("models"))
+        .arg("--model-mirror")
+        .arg(mirror())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let key = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map(|l| l.unwrap())
+            .find_map(|l| {
+                l.split_whitespace()
+                    .find(|w| w.starts_with("xbk_live_"))
+                    .map(str::to_owned)
+            })
+            .expect("the key is printed")
+    })
+    .await
+    .unwrap();
+    let client = client();
+    let url = format!("http://127.0.0.1:{port}/v1/removebg/quota");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let v = loop {
+        if let Ok(r) = client.get(&url).bearer_auth(&key).send().await {
+            break split(r).await.2;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        (v["plan"].as_str(), v["credits_total"].as_i64()),
+        (Some("Local"), Some(10_000)),
+        "{v}"
+    );
+    child.kill().unwrap();
+    let stderr = child.wait_with_output().unwrap().stderr;
+    assert!(
+        !String::from_utf8_lossy(&stderr).contains(&key),
+        "the key is not logged"
+    );
+}

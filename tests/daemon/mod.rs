@@ -1,0 +1,233 @@
+//! A real `removebgd serve` on a loopback port with its own data directory, the admin CLI
+//! against its database, an HTTP client, and a loopback image server to fetch URLs from.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde_json::Value;
+
+use crate::common::*;
+
+pub const ALL_SCOPES: &str = "removebg:images:process,removebg:quota:read,removebg:batch:write,removebg:batch:read";
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub addr: SocketAddr,
+    pub args: Vec<String>,
+    pub client: reqwest::Client,
+}
+
+/// A plain HTTP client (reqwest here is built without a default TLS provider).
+pub fn client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Daemon {
+    /// Creates the data directory with account `shop` (`credits`) and starts the daemon.
+    pub async fn start(credits: i64, args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Daemon {
+            child: None,
+            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            dir,
+            args: args.iter().map(|s| s.to_string()).collect(),
+            client: client(),
+        };
+        d.admin(&["accounts", "create", "shop", "--credits", &credits.to_string()]);
+        d.launch().await;
+        d
+    }
+
+    pub fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn cmd(&self) -> std::process::Command {
+        let mut c = bin();
+        c.arg("serve")
+            .arg("--listen")
+            .arg(self.addr.to_string())
+            .arg("--data-dir")
+            .arg(self.data())
+            .arg("--model")
+            .arg("u2netp")
+            .arg("--models-dir")
+            .arg(self.dir.path().join("models"))
+            .arg("--model-mirror")
+            .arg(mirror())
+            .arg("--threads")
+            .arg("1")
+            .args(&self.args);
+        c
+    }
+
+    /// (Re)starts the process and waits until it answers.
+    pub async fn launch(&mut self) {
+        let child = self
+            .cmd()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.client.get(self.url("/healthz")).send().await
+                && r.status() == StatusCode::OK
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon exited during start-up: {status}");
+            }
+            assert!(Instant::now() < deadline, "daemon did not come up");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Runs an admin command against this daemon's database; returns stdout.
+    pub fn admin(&self, args: &[&str]) -> String {
+        let o = bin().args(args).arg("--data-dir").arg(self.data()).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    /// A new key for `account` with `scopes` (comma-separated).
+    pub fn key(&self, account: &str, scopes: &str) -> String {
+        let out = self.admin(&["keys", "create", "--account", account, "--scopes", scopes]);
+        out.lines().last().unwrap().trim().to_owned()
+    }
+
+    pub fn store(&self) -> removebgd::store::Store {
+        removebgd::store::Store::open(&self.data().join("removebgd.db")).unwrap()
+    }
+
+    /// (credits_used, credits_reserved) of an account, from the database, checked against the ledger.
+    pub fn credits(&self, account: &str) -> (i64, i64) {
+        let s = self.store();
+        let a = s.account_by_name(account).unwrap();
+        assert_eq!(
+            s.ledger_sums(a.id).unwrap(),
+            (a.credits_used, a.credits_reserved),
+            "ledger and counters disagree"
+        );
+        (a.credits_used, a.credits_reserved)
+    }
+
+    pub async fn post_json(
+        &self,
+        path: &str,
+        key: &str,
+        body: &Value,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let r = self
+            .client
+            .post(self.url(path))
+            .bearer_auth(key)
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap();
+        split(r).await
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+        let r = self.client.get(self.url(path)).bearer_auth(key).send().await.unwrap();
+        split(r).await
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub async fn split(r: reqwest::Response) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    let status = r.status();
+    let headers = r.headers().clone();
+    let bytes = r.bytes().await.unwrap();
+    let v = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, headers, v)
+}
+
+pub fn b64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Asserts the documented error shape and returns its code.
+pub fn error_code(status: StatusCode, headers: &reqwest::header::HeaderMap, v: &Value, want: StatusCode) -> String {
+    assert_eq!(status, want, "body: {v}");
+    let e = &v["error"];
+    assert_eq!(e["status"].as_u64(), Some(want.as_u16() as u64), "{v}");
+    let id = e["request_id"].as_str().expect("request_id");
+    assert_eq!(headers["x-request-id"].to_str().unwrap(), id);
+    assert!(!e["message"].as_str().unwrap().is_empty());
+    e["code"].as_str().unwrap().to_owned()
+}
+
+/// A loopback HTTP server with test images and misbehaving routes.
+pub async fn image_server() -> SocketAddr {
+    async fn image(axum::extract::Path(name): axum::extract::Path<String>) -> axum::response::Response {
+        let path = if fixture(&name).is_file() {
+            fixture(&name)
+        } else {
+            images().join(&name)
+        };
+        match std::fs::read(path) {
+            Ok(b) => b.into_response(),
+            Err(_) => StatusCode::NOT_FOUND.into_response(),
+        }
+    }
+    let app = Router::new()
+        .route("/img/{name}", get(image))
+        .route(
+            "/page.html",
+            get(|| async { ([(header::CONTENT_TYPE, "text/html")], "<html>not an image</html>") }),
+        )
+        .route(
+            "/slow.jpg",
+            get(|| async {
+                tokio::time::sleep(Duration::from_millis(700)).await;
+                read(fixture("chelsea.jpg"))
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+pub fn path_exists(p: &Path) -> bool {
+    p.exists()
+}
