@@ -392,3 +392,49 @@ pub enum KeysCommand {
         data: DataArgs,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_file(text: &str) -> (tempfile::TempDir, ServeArgs) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, text).unwrap();
+        let args = ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        };
+        (dir, args)
+    }
+
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let (_d, mut args) = with_file("listen = \"127.0.0.1:9000\"\nworkers = 3\nresult_ttl = \"2h\"\n");
+        args.workers = Some(2);
+        let s = args.resolve().unwrap();
+        assert_eq!(s.listen, "127.0.0.1:9000".parse().unwrap(), "from the file");
+        assert_eq!(s.workers, 2, "the flag wins");
+        assert_eq!(s.result_ttl, std::time::Duration::from_secs(7200));
+        assert_eq!(s.data_dir, PathBuf::from("data"), "default");
+        assert_eq!(s.engine.model, "isnet");
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_errors_naming_the_key() {
+        let (_d, args) = with_file("listen_addr = \"0.0.0.0:1\"\n");
+        let e = format!("{:#}", args.resolve().unwrap_err());
+        assert!(e.contains("listen_addr"), "{e}");
+        let (_d, args) = with_file("result_ttl = \"forever\"\n");
+        let e = format!("{:#}", args.resolve().unwrap_err());
+        assert!(e.contains("result_ttl"), "{e}");
+        let (_d, args) = with_file("fetch_allow = [\"10.0.0.0/33\"]\n");
+        let e = format!("{:#}", args.resolve().unwrap_err());
+        assert!(e.contains("fetch_allow"), "{e}");
+        let missing = ServeArgs {
+            config: Some(PathBuf::from("/nonexistent/removebgd.toml")),
+            ..ServeArgs::default()
+        };
+        assert!(missing.resolve().is_err(), "an explicit config file must exist");
+    }
+}

@@ -739,3 +739,99 @@ async fn first_start_creates_a_default_account_and_prints_a_working_key_once() {
         "the key is not logged"
     );
 }
+
+/// A JPEG of random pixels: its cutout compresses badly, so the PNG is large.
+fn noise_jpeg(w: u32, h: u32) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let img = image::RgbImage::from_fn(w, h, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(&img)
+        .unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn return_base64_over_five_megabytes_falls_back_to_the_url() {
+    let d = Daemon::start(5, &[]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let input = noise_jpeg(2000, 1500);
+    assert!(input.len() < 10 * 1024 * 1024);
+    let (s, h, v) = d
+        .post_json("/v1/removebg/process", &key, &json!({"image_base64": b64(&input), "return_base64": true}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["result_base64"], Value::Null);
+    assert_eq!(h["x-result-base64"], "omitted-too-large");
+    let r = d.client.get(v["result_url"].as_str().unwrap()).send().await.unwrap();
+    let png = r.bytes().await.unwrap();
+    assert!(png.len() > 5 * 1024 * 1024, "{} bytes", png.len());
+    assert_eq!(alpha_of(&png).0, 2000);
+    assert_eq!(d.credits("shop"), (1, 0), "the cutout was delivered and charged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monthly_reset_happens_on_time_without_any_request() {
+    let d = Daemon::start(5, &["--sweep-interval", "1s"]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let body = json!({"image_base64": b64(&read(fixture("chelsea.jpg")))});
+    assert_eq!(d.post_json("/v1/removebg/process", &key, &body).await.0, StatusCode::OK);
+    assert_eq!(d.credits("shop"), (1, 0));
+    let db = rusqlite::Connection::open(d.data().join("removebgd.db")).unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    db.execute("UPDATE accounts SET resets_at = ?1 WHERE name = 'shop'", [now - 1]).unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(d.credits("shop"), (0, 0), "the sweeper reset the period");
+    let (resets_at, resets): (i64, i64) = db
+        .query_row(
+            "SELECT resets_at, (SELECT COUNT(*) FROM ledger WHERE kind = 'period_reset') FROM accounts WHERE name = 'shop'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(resets_at > now && resets_at - now <= 31 * 86_400, "next reset within a month");
+    assert_eq!(resets, 1);
+    let (_, _, q) = d.get("/v1/removebg/quota", &key).await;
+    assert_eq!((q["credits_used"].as_i64(), q["credits_remaining"].as_i64()), (Some(0), Some(5)));
+}
+
+#[test]
+fn admin_commands_manage_accounts_and_keys_and_refuse_nonsense() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| bin().args(args).arg("--data-dir").arg(dir.path()).output().unwrap();
+    let o = run(&["accounts", "create", "kiosk-3", "--plan", "Pro", "--credits", "10000", "--reset-day", "15"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = run(&["accounts", "set-credits", "kiosk-3", "20000", "--plan", "Max"]);
+    assert!(o.status.success());
+    let list = String::from_utf8(run(&["accounts", "list"]).stdout).unwrap();
+    let row = list.lines().find(|l| l.starts_with("kiosk-3")).unwrap();
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(&cols[1..6], ["Max", "20000", "0", "0", "20000"]);
+    assert!(cols[6].contains("-15T00:00:00Z"), "{row}");
+
+    let o = run(&["keys", "create", "--account", "kiosk-3", "--scopes", "removebg:quota:read", "--expires-in", "30d"]);
+    assert!(o.status.success());
+    let key = String::from_utf8(o.stdout).unwrap().lines().last().unwrap().to_owned();
+    assert!(key.starts_with("xbk_live_") && key.len() == 49, "{key}");
+    let keys = String::from_utf8(run(&["keys", "list"]).stdout).unwrap();
+    assert!(keys.contains(&key[..17]) && !keys.contains(&key), "{keys}");
+
+    for bad in [
+        &["keys", "create", "--account", "kiosk-3", "--scopes", "removebg:everything"][..],
+        &["keys", "create", "--account", "nobody", "--scopes", "removebg:quota:read"],
+        &["keys", "create", "--account", "kiosk-3", "--scopes", "removebg:quota:read", "--expires-in", "soon"],
+        &["accounts", "create", "kiosk-3", "--credits", "5"],
+        &["accounts", "create", "x", "--credits", "5", "--reset-day", "31"],
+        &["keys", "revoke", "xbk_live_zzzzzzzz"],
+    ] {
+        let o = run(bad);
+        assert_eq!(o.status.code(), Some(2), "{bad:?} should fail");
+        assert!(!String::from_utf8_lossy(&o.stderr).trim().is_empty());
+    }
+}
