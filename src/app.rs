@@ -120,6 +120,7 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
         jobs: jobs.clone(),
         rate: Arc::new(http::RateLimiter::new(settings.rate_limit, settings.rate_burst)),
         polls: Arc::new(http::PollLimiter::new(settings.batch_poll_interval)),
+        uploads: Arc::new(tokio::sync::Semaphore::new(http::MAX_CONCURRENT_UPLOADS)),
         public_url: settings.public_url.clone(),
         fallback_url: fallback_url(settings.listen),
     };

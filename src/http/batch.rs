@@ -128,6 +128,7 @@ pub async fn submit(
     State(state): State<AppState>,
     req: axum::extract::Request,
 ) -> Result<(StatusCode, Json<Submitted>), ApiError> {
+    let _slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
     let (mut parts, body) = read_body(req, BATCH_BODY_LIMIT).await?;
     let caller = Caller::from_request_parts(&mut parts, &state).await?;
     caller.require(SCOPE_WRITE)?;

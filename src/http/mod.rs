@@ -28,6 +28,9 @@ pub const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
 pub const PROCESS_BODY_LIMIT: usize = 15 * 1024 * 1024;
 /// Largest request body for /batch: 100 URLs need far less.
 pub const BATCH_BODY_LIMIT: usize = 1024 * 1024;
+/// Request bodies being received or waiting for their job at once; more wait their turn, so a
+/// burst of uploads cannot hold more than about this many x 15 MiB in memory.
+pub const MAX_CONCURRENT_UPLOADS: usize = 8;
 /// `return_base64` results larger than this come back as `result_url` only.
 pub const MAX_BASE64_RESULT: usize = 5 * 1024 * 1024;
 
@@ -36,6 +39,8 @@ pub struct AppState {
     pub jobs: Jobs,
     pub rate: Arc<RateLimiter>,
     pub polls: Arc<PollLimiter>,
+    /// Bounds the request bodies held in memory (see [`MAX_CONCURRENT_UPLOADS`]).
+    pub uploads: Arc<tokio::sync::Semaphore>,
     /// Configured public base URL; otherwise the request's Host, otherwise `fallback_url`.
     pub public_url: Option<String>,
     pub fallback_url: String,

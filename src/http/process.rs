@@ -195,6 +195,7 @@ fn content_type(headers: &HeaderMap) -> String {
 }
 
 pub async fn process(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    let _slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
     let (mut parts, bytes) = read_body(req, PROCESS_BODY_LIMIT).await?;
     let caller = Caller::from_request_parts(&mut parts, &state).await?;
     caller.require(SCOPE_PROCESS)?;
