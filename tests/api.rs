@@ -677,31 +677,24 @@ async fn rate_limits_per_key_and_batch_polling_answer_429_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_start_creates_a_default_account_and_prints_a_working_key_once() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = bin()
-        .args([
-            "serve",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--model",
-            "u2netp",
-            "--threads",
-            "1",
-        ])
-        .arg("--data-dir")
-        .arg(dir.path().join("data"))
-        .arg("--models-dir")
-        .arg(dir.path().join("models"))
-        .arg("--model-mirror")
-        .arg(mirror())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut cmd = bin();
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        "u2netp",
+        "--threads",
+        "1",
+    ])
+    .arg("--data-dir")
+    .arg(dir.path().join("data"))
+    .arg("--models-dir")
+    .arg(dir.path().join("models"))
+    .arg("--model-mirror")
+    .arg(mirror());
+    let (mut child, addr, log) = spawn_serve(cmd);
+    let port = addr.port();
     let stdout = child.stdout.take().unwrap();
     let key = tokio::task::spawn_blocking(move || {
         use std::io::BufRead;
@@ -733,9 +726,10 @@ async fn first_start_creates_a_default_account_and_prints_a_working_key_once() {
         "{v}"
     );
     child.kill().unwrap();
-    let stderr = child.wait_with_output().unwrap().stderr;
+    child.wait().unwrap();
+    assert!(log.len() > 3, "the daemon logged at info level");
     assert!(
-        !String::from_utf8_lossy(&stderr).contains(&key),
+        !log.contains(&key) && !log.contains(&key[17..]),
         "the key is not logged"
     );
 }
@@ -763,7 +757,11 @@ async fn return_base64_over_five_megabytes_falls_back_to_the_url() {
     let input = noise_jpeg(2000, 1500);
     assert!(input.len() < 10 * 1024 * 1024);
     let (s, h, v) = d
-        .post_json("/v1/removebg/process", &key, &json!({"image_base64": b64(&input), "return_base64": true}))
+        .post_json(
+            "/v1/removebg/process",
+            &key,
+            &json!({"image_base64": b64(&input), "return_base64": true}),
+        )
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["result_base64"], Value::Null);
@@ -784,8 +782,12 @@ async fn the_monthly_reset_happens_on_time_without_any_request() {
     assert_eq!(d.credits("shop"), (1, 0));
     let db = rusqlite::Connection::open(d.data().join("removebgd.db")).unwrap();
     db.busy_timeout(Duration::from_secs(5)).unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
-    db.execute("UPDATE accounts SET resets_at = ?1 WHERE name = 'shop'", [now - 1]).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    db.execute("UPDATE accounts SET resets_at = ?1 WHERE name = 'shop'", [now - 1])
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(d.credits("shop"), (0, 0), "the sweeper reset the period");
     let (resets_at, resets): (i64, i64) = db
@@ -795,17 +797,33 @@ async fn the_monthly_reset_happens_on_time_without_any_request() {
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
-    assert!(resets_at > now && resets_at - now <= 31 * 86_400, "next reset within a month");
+    assert!(
+        resets_at > now && resets_at - now <= 31 * 86_400,
+        "next reset within a month"
+    );
     assert_eq!(resets, 1);
     let (_, _, q) = d.get("/v1/removebg/quota", &key).await;
-    assert_eq!((q["credits_used"].as_i64(), q["credits_remaining"].as_i64()), (Some(0), Some(5)));
+    assert_eq!(
+        (q["credits_used"].as_i64(), q["credits_remaining"].as_i64()),
+        (Some(0), Some(5))
+    );
 }
 
 #[test]
 fn admin_commands_manage_accounts_and_keys_and_refuse_nonsense() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| bin().args(args).arg("--data-dir").arg(dir.path()).output().unwrap();
-    let o = run(&["accounts", "create", "kiosk-3", "--plan", "Pro", "--credits", "10000", "--reset-day", "15"]);
+    let o = run(&[
+        "accounts",
+        "create",
+        "kiosk-3",
+        "--plan",
+        "Pro",
+        "--credits",
+        "10000",
+        "--reset-day",
+        "15",
+    ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let o = run(&["accounts", "set-credits", "kiosk-3", "20000", "--plan", "Max"]);
     assert!(o.status.success());
@@ -815,7 +833,16 @@ fn admin_commands_manage_accounts_and_keys_and_refuse_nonsense() {
     assert_eq!(&cols[1..6], ["Max", "20000", "0", "0", "20000"]);
     assert!(cols[6].contains("-15T00:00:00Z"), "{row}");
 
-    let o = run(&["keys", "create", "--account", "kiosk-3", "--scopes", "removebg:quota:read", "--expires-in", "30d"]);
+    let o = run(&[
+        "keys",
+        "create",
+        "--account",
+        "kiosk-3",
+        "--scopes",
+        "removebg:quota:read",
+        "--expires-in",
+        "30d",
+    ]);
     assert!(o.status.success());
     let key = String::from_utf8(o.stdout).unwrap().lines().last().unwrap().to_owned();
     assert!(key.starts_with("xbk_live_") && key.len() == 49, "{key}");
@@ -823,9 +850,32 @@ fn admin_commands_manage_accounts_and_keys_and_refuse_nonsense() {
     assert!(keys.contains(&key[..17]) && !keys.contains(&key), "{keys}");
 
     for bad in [
-        &["keys", "create", "--account", "kiosk-3", "--scopes", "removebg:everything"][..],
-        &["keys", "create", "--account", "nobody", "--scopes", "removebg:quota:read"],
-        &["keys", "create", "--account", "kiosk-3", "--scopes", "removebg:quota:read", "--expires-in", "soon"],
+        &[
+            "keys",
+            "create",
+            "--account",
+            "kiosk-3",
+            "--scopes",
+            "removebg:everything",
+        ][..],
+        &[
+            "keys",
+            "create",
+            "--account",
+            "nobody",
+            "--scopes",
+            "removebg:quota:read",
+        ],
+        &[
+            "keys",
+            "create",
+            "--account",
+            "kiosk-3",
+            "--scopes",
+            "removebg:quota:read",
+            "--expires-in",
+            "soon",
+        ],
         &["accounts", "create", "kiosk-3", "--credits", "5"],
         &["accounts", "create", "x", "--credits", "5", "--reset-day", "31"],
         &["keys", "revoke", "xbk_live_zzzzzzzz"],

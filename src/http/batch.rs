@@ -7,10 +7,10 @@ use serde::{Deserialize, Serialize};
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::process::{SCOPE_PROCESS, bg_color, output_format, output_size};
+use super::process::SCOPE_PROCESS;
 use super::{AppState, BATCH_BODY_LIMIT, read_body};
 use crate::clock::rfc3339;
-use crate::jobs::Options;
+use crate::jobs::request;
 use crate::store::JobStatus;
 
 pub const SCOPE_WRITE: &str = "removebg:batch:write";
@@ -140,11 +140,11 @@ pub async fn submit(
         ));
     }
     let b = parse(&body)?;
-    let opts = Options {
-        format: output_format(b.output_format.as_deref())?,
-        size: output_size(b.output_size.as_deref())?,
-        bg_color: bg_color(b.bg_color.as_deref())?,
-    };
+    let opts = request::options(
+        b.output_format.as_deref(),
+        b.output_size.as_deref(),
+        b.bg_color.as_deref(),
+    )?;
     let total = b.images.len();
     let items = b.images.into_iter().map(|i| (i.url.trim().to_owned(), i.id)).collect();
     let (job_id, created) = state.jobs.submit_batch(caller.account_id, items, opts).await?;

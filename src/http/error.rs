@@ -71,6 +71,8 @@ impl From<JobError> for ApiError {
     fn from(e: JobError) -> ApiError {
         let code = e.code();
         match e {
+            JobError::Invalid { code, message } => ApiError::bad_request(code, message),
+            JobError::TooLarge(message) => ApiError::too_large(message),
             JobError::NoCredits { .. } => ApiError::new(
                 StatusCode::PAYMENT_REQUIRED,
                 code,

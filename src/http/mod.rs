@@ -22,8 +22,6 @@ pub use error::ApiError;
 
 use crate::jobs::Jobs;
 
-/// Largest image accepted as base64, upload or download (decoded bytes).
-pub const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
 /// Largest request body for /process: a 10 MiB image as base64 (4/3) plus JSON or multipart framing.
 pub const PROCESS_BODY_LIMIT: usize = 15 * 1024 * 1024;
 /// Largest request body for /batch: 100 URLs need far less.

@@ -31,12 +31,55 @@ pub fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Starts `removebgd serve` (which must listen on port 0) and returns it with the address it
+/// bound, read from its log. Its stderr keeps being drained; warnings and errors are echoed.
+pub fn spawn_serve(mut cmd: std::process::Command) -> (Child, SocketAddr, Log) {
+    use std::io::BufRead;
+    let mut child = cmd
+        .env("RUST_LOG", "info")
+        .arg("--log-format")
+        .arg("text")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let log = Log::default();
+    let lines = log.clone();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            lines.0.lock().unwrap().push(line.clone());
+            if let Some(addr) = line
+                .contains(" listening ")
+                .then(|| line.split("addr=").nth(1))
+                .flatten()
+            {
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_owned());
+            }
+            if line.contains(" WARN ") || line.contains(" ERROR ") {
+                eprintln!("daemon: {line}");
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("daemon did not start listening: {:?}", child.try_wait()));
+    (child, addr.parse().unwrap(), log)
+}
+
+/// Everything a daemon wrote to stderr.
+#[derive(Clone, Default)]
+pub struct Log(std::sync::Arc<std::sync::Mutex<Vec<String>>>);
+
+impl Log {
+    pub fn contains(&self, needle: &str) -> bool {
+        self.0.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().unwrap().len()
+    }
 }
 
 impl Daemon {
@@ -45,7 +88,7 @@ impl Daemon {
         let dir = tempfile::tempdir().unwrap();
         let mut d = Daemon {
             child: None,
-            addr: SocketAddr::from(([127, 0, 0, 1], free_port())),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             dir,
             args: args.iter().map(|s| s.to_string()).collect(),
             client: client(),
@@ -63,7 +106,7 @@ impl Daemon {
         let mut c = bin();
         c.arg("serve")
             .arg("--listen")
-            .arg(self.addr.to_string())
+            .arg("127.0.0.1:0")
             .arg("--data-dir")
             .arg(self.data())
             .arg("--model")
@@ -80,13 +123,9 @@ impl Daemon {
 
     /// (Re)starts the process and waits until it answers.
     pub async fn launch(&mut self) {
-        let child = self
-            .cmd()
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let (child, addr, _) = spawn_serve(self.cmd());
         self.child = Some(child);
+        self.addr = addr;
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(r) = self.client.get(self.url("/healthz")).send().await
@@ -94,11 +133,8 @@ impl Daemon {
             {
                 return;
             }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon exited during start-up: {status}");
-            }
-            assert!(Instant::now() < deadline, "daemon did not come up");
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(Instant::now() < deadline, "daemon did not answer");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

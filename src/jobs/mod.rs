@@ -14,8 +14,16 @@ use crate::engine::{BgColor, CutOptions, Engine, EngineError, OutputFormat, Outp
 use crate::fetch::{FetchError, ImageFetcher};
 use crate::store::{self, ClaimedJob, Finished, NewBatchItem, NewJob, Store, StoreError};
 
+pub mod request;
+
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
+    /// The request itself is wrong (bad option, missing or doubled image, bad base64 ...).
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    /// The image is over the size limit.
+    #[error("{0}")]
+    TooLarge(String),
     #[error("not enough credits: {needed} needed, {available} remaining")]
     NoCredits { needed: i64, available: i64 },
     #[error(transparent)]
@@ -42,7 +50,10 @@ impl JobError {
     /// Stable machine-readable code, shared by every front end.
     pub fn code(&self) -> &'static str {
         match self {
+            JobError::Invalid { code, .. } => code,
+            JobError::TooLarge(_) => "payload_too_large",
             JobError::NoCredits { .. } => "insufficient_credits",
+            JobError::Fetch(FetchError::TooLarge { .. }) => "payload_too_large",
             JobError::Fetch(e) => e.code(),
             JobError::Engine(EngineError::Image(e)) => e.code(),
             JobError::Engine(_) | JobError::Internal(_) => "internal_error",
@@ -55,6 +66,16 @@ impl JobError {
 pub enum Source {
     Bytes(Vec<u8>),
     Url(String),
+}
+
+impl std::fmt::Debug for Source {
+    // Never the image bytes: they would flood any log.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Bytes(b) => write!(f, "Bytes({} bytes)", b.len()),
+            Source::Url(u) => f.debug_tuple("Url").field(u).finish(),
+        }
+    }
 }
 
 /// Output options, as validated by the front end.
