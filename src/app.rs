@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
+use tokio_util::sync::CancellationToken;
 
 use crate::clock;
 use crate::config::{EngineArgs, ModelStoreArgs, ServeSettings};
@@ -13,6 +14,7 @@ use crate::engine::{Engine, Pipeline, use_threads};
 use crate::fetch::{FetchLimits, FetchPolicy, ImageFetcher, local_addresses};
 use crate::http;
 use crate::jobs::{self, Jobs};
+use crate::mqtt;
 use crate::provision::{self, Fetcher};
 use crate::store::{SCOPES, Store};
 
@@ -88,11 +90,16 @@ pub fn load_engine(args: &EngineArgs) -> Result<Engine> {
 pub const DATABASE_FILE: &str = "removebgd.db";
 /// Result files inside the data directory.
 pub const RESULTS_DIR: &str = "results";
+/// Images of queued MQTT jobs inside the data directory.
+pub const INBOX_DIR: &str = "inbox";
 
 /// Runs the daemon until SIGINT/SIGTERM.
 pub fn serve(settings: ServeSettings) -> Result<()> {
     let results_dir = settings.data_dir.join(RESULTS_DIR);
-    std::fs::create_dir_all(&results_dir).with_context(|| format!("creating {}", results_dir.display()))?;
+    let inbox_dir = settings.data_dir.join(INBOX_DIR);
+    for dir in [&results_dir, &inbox_dir] {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let db_path = settings.data_dir.join(DATABASE_FILE);
     let store = Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
     bootstrap(&store, &settings)?;
@@ -106,6 +113,8 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
         FetchPolicy::new(settings.fetch_allow.clone(), settings.fetch_deny.clone(), own),
         FetchLimits::default(),
     )?;
+    let store_handle = store.clone();
+    let model_label = settings.engine.model.clone();
     let jobs = Jobs::new(
         engine,
         settings.workers,
@@ -113,18 +122,19 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
         fetcher,
         jobs::Settings {
             results_dir,
+            inbox_dir,
             result_ttl: settings.result_ttl,
         },
     );
-    let state = http::AppState {
-        jobs: jobs.clone(),
-        rate: Arc::new(http::RateLimiter::new(settings.rate_limit, settings.rate_burst)),
-        polls: Arc::new(http::PollLimiter::new(settings.batch_poll_interval)),
-        uploads: Arc::new(tokio::sync::Semaphore::new(http::MAX_CONCURRENT_UPLOADS)),
-        public_url: settings.public_url.clone(),
-        fallback_url: fallback_url(settings.listen),
+    let mqtt_account = match &settings.mqtt {
+        Some(m) => Some(
+            store_handle
+                .account_by_name(&m.account)
+                .with_context(|| format!("mqtt_account {:?}", m.account))?
+                .id,
+        ),
+        None => None,
     };
-
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("removebgd-io")
@@ -136,10 +146,40 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("listening on {}", settings.listen))?;
-        tracing::info!(addr = %listener.local_addr()?, "listening");
+        let bound = listener.local_addr()?;
+        tracing::info!(addr = %bound, "listening");
+        // Derived from the bound address: with port 0 the kernel chose the port.
+        let fallback = fallback_url(bound);
+        let state = http::AppState {
+            jobs: jobs.clone(),
+            rate: Arc::new(http::RateLimiter::new(settings.rate_limit, settings.rate_burst)),
+            polls: Arc::new(http::PollLimiter::new(settings.batch_poll_interval)),
+            uploads: Arc::new(tokio::sync::Semaphore::new(http::MAX_CONCURRENT_UPLOADS)),
+            public_url: settings.public_url.clone(),
+            fallback_url: fallback.clone(),
+        };
+
+        let stop = CancellationToken::new();
+        let mqtt = match (&settings.mqtt, mqtt_account) {
+            (Some(m), Some(account_id)) => Some(mqtt::start(
+                m,
+                mqtt::MqttContext {
+                    jobs: jobs.clone(),
+                    account_id,
+                    base_url: settings.public_url.clone().unwrap_or(fallback),
+                    model: model_label,
+                },
+                stop.clone(),
+            )),
+            _ => None,
+        };
         axum::serve(listener, http::router(state))
             .with_graceful_shutdown(stop_signal())
             .await?;
+        stop.cancel();
+        if let Some(task) = mqtt {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+        }
         tracing::info!("stopped");
         Ok(())
     })

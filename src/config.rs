@@ -189,6 +189,25 @@ pub struct ServeArgs {
     /// Shortest interval between two polls of the same batch [default: 2s].
     #[arg(long, env = "REMOVEBGD_BATCH_POLL_INTERVAL")]
     pub batch_poll_interval: Option<String>,
+    /// MQTT broker, e.g. mqtt://192.168.1.5:1883 or mqtts://broker.lan:8883 (user:password@
+    /// may be given in the URL) [default: none, MQTT off].
+    #[arg(long, env = "REMOVEBGD_MQTT_URL")]
+    pub mqtt_url: Option<String>,
+    /// MQTT user name (overrides the URL's).
+    #[arg(long, env = "REMOVEBGD_MQTT_USERNAME")]
+    pub mqtt_username: Option<String>,
+    /// MQTT password (overrides the URL's; prefer the environment or the config file to a flag).
+    #[arg(long, env = "REMOVEBGD_MQTT_PASSWORD")]
+    pub mqtt_password: Option<String>,
+    /// This node's name in MQTT topics; unique per broker [default: the hostname].
+    #[arg(long, env = "REMOVEBGD_NODE_ID")]
+    pub node_id: Option<String>,
+    /// First level of every MQTT topic [default: removebg].
+    #[arg(long, env = "REMOVEBGD_MQTT_PREFIX")]
+    pub mqtt_prefix: Option<String>,
+    /// Account that MQTT-submitted jobs are charged to [default: default].
+    #[arg(long, env = "REMOVEBGD_MQTT_ACCOUNT")]
+    pub mqtt_account: Option<String>,
     /// Model: a name from `removebgd models list` (fetched on first start) or an .onnx path [default: isnet].
     #[arg(long, short = 'm', env = "REMOVEBGD_MODEL")]
     pub model: Option<String>,
@@ -223,7 +242,106 @@ pub struct ServeSettings {
     pub rate_limit: f64,
     pub rate_burst: u32,
     pub batch_poll_interval: std::time::Duration,
+    pub mqtt: Option<MqttSettings>,
     pub engine: EngineArgs,
+}
+
+/// MQTT connection and topic settings (present when `mqtt_url` is set).
+#[derive(Clone)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub node_id: String,
+    pub prefix: String,
+    pub account: String,
+}
+
+impl std::fmt::Debug for MqttSettings {
+    // The password stays out of logs and `config print`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MqttSettings")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("tls", &self.tls)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("node_id", &self.node_id)
+            .field("prefix", &self.prefix)
+            .field("account", &self.account)
+            .finish()
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "removebgd".to_owned())
+}
+
+/// A topic level: no wildcards, separators or `$` that would change what a topic means.
+fn topic_level(key: &str, v: String) -> Result<String> {
+    if v.is_empty() || v.contains(['/', '+', '#', '$']) || v.chars().any(char::is_control) {
+        bail!("{key}: {v:?} must be one MQTT topic level (no /, +, #, $)");
+    }
+    Ok(v)
+}
+
+fn mqtt_settings(url: &str, args: &ServeArgs, file: &ServeArgs) -> Result<MqttSettings> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| anyhow::anyhow!("mqtt_url: {url:?}: {e}"))?;
+    let tls = match parsed.scheme() {
+        "mqtt" | "tcp" => false,
+        "mqtts" | "ssl" => true,
+        other => bail!("mqtt_url: scheme {other:?} is not supported; use mqtt:// or mqtts://"),
+    };
+    let host = parsed
+        .host_str()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_owned())
+        .ok_or_else(|| anyhow::anyhow!("mqtt_url: {url:?} has no host"))?;
+    let decode =
+        |s: &str| percent_decode(s).map_err(|_| anyhow::anyhow!("mqtt_url: the user or password is not valid UTF-8"));
+    let url_user = (!parsed.username().is_empty())
+        .then(|| decode(parsed.username()))
+        .transpose()?;
+    let url_password = parsed.password().map(decode).transpose()?;
+    let pick = |a: &Option<String>, b: &Option<String>| a.clone().or_else(|| b.clone());
+    Ok(MqttSettings {
+        host,
+        port: parsed.port().unwrap_or(if tls { 8883 } else { 1883 }),
+        tls,
+        username: pick(&args.mqtt_username, &file.mqtt_username).or(url_user),
+        password: pick(&args.mqtt_password, &file.mqtt_password).or(url_password),
+        node_id: topic_level("node_id", pick(&args.node_id, &file.node_id).unwrap_or_else(hostname))?,
+        prefix: topic_level(
+            "mqtt_prefix",
+            pick(&args.mqtt_prefix, &file.mqtt_prefix).unwrap_or_else(|| "removebg".to_owned()),
+        )?,
+        account: pick(&args.mqtt_account, &file.mqtt_account).unwrap_or_else(|| "default".to_owned()),
+    })
+}
+
+fn percent_decode(s: &str) -> Result<String, std::string::FromUtf8Error> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |j: usize| bytes.get(j).and_then(|b| (*b as char).to_digit(16));
+        match (bytes[i], hex(i + 1), hex(i + 2)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out)
 }
 
 /// Reads the config file: the explicit one must exist; the default one may be absent.
@@ -255,6 +373,10 @@ impl ServeArgs {
     /// Flags and environment (already merged by clap) over the config file over defaults.
     pub fn resolve(self) -> Result<ServeSettings> {
         let file = read_file(self.config.as_deref())?;
+        let mqtt = match self.mqtt_url.clone().or(file.mqtt_url.clone()) {
+            Some(url) if !url.trim().is_empty() => Some(mqtt_settings(url.trim(), &self, &file)?),
+            _ => None,
+        };
         let workers = self.workers.or(file.workers).unwrap_or(1);
         if workers == 0 {
             bail!("workers: must be at least 1");
@@ -273,6 +395,7 @@ impl ServeArgs {
             bail!("public_url: {u:?} must start with http:// or https://");
         }
         Ok(ServeSettings {
+            mqtt,
             listen: self
                 .listen
                 .or(file.listen)

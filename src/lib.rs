@@ -7,6 +7,7 @@ pub mod engine;
 pub mod fetch;
 pub mod http;
 pub mod jobs;
+pub mod mqtt;
 pub mod provision;
 pub mod store;
 pub mod telemetry;

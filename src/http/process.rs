@@ -123,7 +123,10 @@ pub async fn process(State(state): State<AppState>, req: Request) -> Result<Resp
     }
     let return_base64 = body.return_base64.unwrap_or(false);
     let (source, opts) = body.into_job(upload)?;
-    let done = state.jobs.process(caller.account_id, source, opts, "http").await?;
+    let done = state
+        .jobs
+        .process(caller.account_id, source, opts, Some(state.base_url(&headers)))
+        .await?;
     let inline = return_base64 && done.bytes.len() <= MAX_BASE64_RESULT;
     let response = ProcessResponse {
         result_url: state.result_url(&headers, &done.file),

@@ -6,15 +6,18 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{Notify, Semaphore};
+use tokio::sync::{Notify, Semaphore, broadcast};
 use tracing::Instrument;
 
 use crate::clock;
 use crate::engine::{BgColor, CutOptions, Engine, EngineError, OutputFormat, OutputSize, Pool};
 use crate::fetch::{FetchError, ImageFetcher};
-use crate::store::{self, ClaimedJob, Finished, NewBatchItem, NewJob, Store, StoreError};
+use crate::store::{self, ClaimedJob, Enqueued, Finished, NewBatchItem, NewJob, QueuedJob, Reply, Store, StoreError};
 
+mod events;
 pub mod request;
+
+pub use events::{JobEvent, JobMeta, Stats};
 
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
@@ -140,6 +143,8 @@ pub struct Done {
 
 pub struct Settings {
     pub results_dir: PathBuf,
+    /// Inline images of queued jobs wait here until they have run.
+    pub inbox_dir: PathBuf,
     pub result_ttl: Duration,
 }
 
@@ -150,7 +155,12 @@ struct Inner {
     fetcher: ImageFetcher,
     settings: Settings,
     queue_wakeup: Notify,
+    events: broadcast::Sender<JobEvent>,
+    stats: Stats,
 }
+
+/// Events a slow listener may fall behind by before it misses some (it is told how many).
+const EVENT_BUFFER: usize = 1024;
 
 /// Cheap handle to the job machinery.
 #[derive(Clone)]
@@ -169,7 +179,23 @@ impl Jobs {
             fetcher,
             settings,
             queue_wakeup: Notify::new(),
+            events: broadcast::channel(EVENT_BUFFER).0,
+            stats: Stats::default(),
         }))
+    }
+
+    /// Every job's progress from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<JobEvent> {
+        self.0.events.subscribe()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.0.stats
+    }
+
+    fn emit(&self, event: JobEvent) {
+        // No listener is fine: MQTT is optional.
+        let _ = self.0.events.send(event);
     }
 
     pub fn engine(&self) -> &Engine {
@@ -205,13 +231,13 @@ impl Jobs {
         account: i64,
         source: Source,
         opts: Options,
-        origin: &'static str,
+        base_url: Option<String>,
     ) -> Result<Done, JobError> {
         let id = new_id("rbg");
         let job = NewJob {
             id: id.clone(),
             account_id: account,
-            source: origin,
+            source: "http",
             client_ref: None,
             image_url: match &source {
                 Source::Url(u) => Some(u.clone()),
@@ -222,11 +248,69 @@ impl Jobs {
             bg_color: opts.bg_text(),
         };
         self.db(move |s| s.start_job(&job)).await?;
+        let meta = Arc::new(JobMeta {
+            id: id.clone(),
+            source: "http",
+            base_url,
+            ..JobMeta::default()
+        });
         let this = self.clone();
         let span = tracing::info_span!("job", job_id = %id);
-        tokio::spawn(async move { this.run(id, source, opts).await }.instrument(span))
+        tokio::spawn(async move { this.run(meta, source, opts).await }.instrument(span))
             .await
             .map_err(|e| JobError::Internal(format!("job task: {e}")))?
+    }
+
+    /// Records a job to run from the queue (MQTT), its credit reserved, its inline image saved
+    /// and synced first: once this returns the job survives a crash. A submission already seen
+    /// (same `dedupe_key`) is not queued twice.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn enqueue(
+        &self,
+        account: i64,
+        source: Source,
+        opts: Options,
+        client_ref: Option<String>,
+        dedupe_key: String,
+        reply: Reply,
+    ) -> Result<(String, Enqueued), JobError> {
+        let id = new_id("rbg");
+        let (image_url, input_file) = match source {
+            Source::Url(u) => (Some(u), None),
+            Source::Bytes(bytes) => {
+                let name = format!("{id}.img");
+                let path = self.0.settings.inbox_dir.join(&name);
+                tokio::task::spawn_blocking(move || write_durably(&path, &bytes))
+                    .await
+                    .map_err(|e| JobError::Internal(e.to_string()))?
+                    .map_err(|e| JobError::Internal(format!("saving a queued image: {e}")))?;
+                (None, Some(name))
+            }
+        };
+        let q = QueuedJob {
+            job: NewJob {
+                id: id.clone(),
+                account_id: account,
+                source: "mqtt",
+                client_ref,
+                image_url,
+                output_format: opts.format.extension().into(),
+                output_size: opts.size_name().into(),
+                bg_color: opts.bg_text(),
+            },
+            dedupe_key,
+            reply,
+            input_file: input_file.clone(),
+        };
+        let outcome = self.db(move |s| s.enqueue_job(&q)).await;
+        if !matches!(outcome, Ok(Enqueued::Queued))
+            && let Some(name) = input_file
+        {
+            let _ = std::fs::remove_file(self.0.settings.inbox_dir.join(name));
+        }
+        let outcome = outcome?;
+        self.0.queue_wakeup.notify_one();
+        Ok((id, outcome))
     }
 
     /// Records a batch (reserving a credit per item) and wakes the runners.
@@ -261,8 +345,10 @@ impl Jobs {
         Ok((batch_id, created))
     }
 
-    async fn run(&self, id: String, source: Source, opts: Options) -> Result<Done, JobError> {
-        match self.produce(&id, source, opts).await {
+    async fn run(&self, meta: Arc<JobMeta>, source: Source, opts: Options) -> Result<Done, JobError> {
+        let started = std::time::Instant::now();
+        self.emit(JobEvent::Processing(Arc::clone(&meta)));
+        let outcome = match self.produce(&meta.id, source, opts).await {
             Ok(done) => {
                 let finished = Finished {
                     width: done.width,
@@ -272,21 +358,52 @@ impl Jobs {
                     bytes: done.bytes.len() as u64,
                     expires_at: done.expires_at,
                 };
-                let job = id.clone();
-                if let Err(e) = self.db(move |s| s.complete_job(&job, &finished)).await {
-                    tracing::error!(error = %e, "could not record a finished job");
-                    let _ = std::fs::remove_file(self.results_dir().join(&done.file));
-                    self.settle_failure(&id, &e).await;
-                    return Err(e);
+                let job = meta.id.clone();
+                match self.db(move |s| s.complete_job(&job, &finished)).await {
+                    Ok(()) => Ok(done),
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not record a finished job");
+                        let _ = std::fs::remove_file(self.results_dir().join(&done.file));
+                        Err(e)
+                    }
                 }
+            }
+            Err(e) => Err(e),
+        };
+        self.0.stats.record(outcome.is_ok(), started.elapsed());
+        match &outcome {
+            Ok(done) => {
                 tracing::info!(width = done.width, height = done.height, "job completed");
-                Ok(done)
+                self.emit(JobEvent::Completed {
+                    job: Arc::clone(&meta),
+                    file: done.file.clone(),
+                    width: done.width,
+                    height: done.height,
+                    expires_at: done.expires_at,
+                });
             }
             Err(e) => {
-                self.settle_failure(&id, &e).await;
-                Err(e)
+                self.settle_failure(&meta.id, e).await;
+                self.emit(JobEvent::Failed {
+                    job: Arc::clone(&meta),
+                    code: e.code(),
+                    message: e.to_string(),
+                });
             }
         }
+        if let Some(batch) = &meta.batch_id {
+            let id = batch.clone();
+            match self.db(move |s| s.batch_counts(&id)).await {
+                Ok((total, completed, failed)) => self.emit(JobEvent::Batch {
+                    batch_id: batch.clone(),
+                    total,
+                    completed,
+                    failed,
+                }),
+                Err(e) => tracing::warn!(error = %e, "could not count batch progress"),
+            }
+        }
+        outcome
     }
 
     async fn settle_failure(&self, id: &str, e: &JobError) {
@@ -373,7 +490,33 @@ impl Jobs {
 
     async fn run_claimed(&self, job: ClaimedJob) {
         let opts = Options::from_stored(&job.output_format, &job.output_size, job.bg_color.as_deref());
-        let _ = self.run(job.id, Source::Url(job.image_url), opts).await;
+        let inbox = job.input_file.as_ref().map(|f| self.0.settings.inbox_dir.join(f));
+        let source = match (&inbox, job.image_url) {
+            (Some(path), _) => match tokio::fs::read(path).await {
+                Ok(bytes) => Source::Bytes(bytes),
+                Err(e) => {
+                    tracing::error!(error = %e, "a queued image is missing");
+                    Source::Bytes(Vec::new())
+                }
+            },
+            (None, url) => Source::Url(url.unwrap_or_default()),
+        };
+        let meta = Arc::new(JobMeta {
+            id: job.id,
+            source: match job.source.as_str() {
+                "mqtt" => "mqtt",
+                "batch" => "batch",
+                _ => "http",
+            },
+            batch_id: job.batch_id,
+            client_ref: job.client_ref,
+            reply: job.reply,
+            base_url: None,
+        });
+        let _ = self.run(meta, source, opts).await;
+        if let Some(path) = inbox {
+            let _ = tokio::fs::remove_file(path).await;
+        }
     }
 
     /// Start-up housekeeping before serving: settle jobs the last process left, delete result
@@ -441,6 +584,18 @@ impl Jobs {
             }
         }
     }
+}
+
+/// Writes, syncs and renames into place, then syncs the directory: the file survives a power cut.
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.partial"));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
 /// Writes to a hidden temporary name and renames, so a reader never sees half a file.

@@ -26,7 +26,7 @@ impl JobStatus {
         }
     }
 
-    fn parse(s: &str) -> JobStatus {
+    pub fn parse(s: &str) -> JobStatus {
         match s {
             "queued" => JobStatus::Queued,
             "running" => JobStatus::Running,
@@ -56,16 +56,39 @@ pub struct NewBatchItem {
     pub url: String,
 }
 
-/// A queued batch item handed to a runner.
+/// Where the answer to a queued job goes (MQTT).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reply {
+    pub topic: Option<String>,
+    pub correlation: Option<Vec<u8>>,
+}
+
+/// A job to queue now and run later (MQTT): recorded, with its credit reserved, before the
+/// submitter is acknowledged.
+#[derive(Debug, Clone)]
+pub struct QueuedJob {
+    pub job: NewJob,
+    /// Identifies the submission; a second one with the same key is a duplicate.
+    pub dedupe_key: String,
+    pub reply: Reply,
+    /// The inline image, stored under the data directory's inbox.
+    pub input_file: Option<String>,
+}
+
+/// A queued job handed to a runner.
 #[derive(Debug, Clone)]
 pub struct ClaimedJob {
     pub id: String,
     pub account_id: i64,
     pub batch_id: Option<String>,
-    pub image_url: String,
+    pub source: String,
+    pub client_ref: Option<String>,
+    pub image_url: Option<String>,
+    pub input_file: Option<String>,
     pub output_format: String,
     pub output_size: String,
     pub bg_color: Option<String>,
+    pub reply: Reply,
 }
 
 /// A successful outcome to record.
@@ -108,10 +131,17 @@ impl BatchView {
     }
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enqueued {
+    Queued,
+    Duplicate { id: String, status: JobStatus },
+}
+
 /// What start-up recovery did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovery {
-    /// Batch items that were running when the process stopped, queued again.
+    /// Queued jobs (batch items, MQTT submissions) that were running when the process stopped,
+    /// queued again.
     pub requeued: usize,
     /// Single requests whose client and input are gone; failed, their credit released.
     pub abandoned: usize,
@@ -193,7 +223,8 @@ impl Store {
         self.write(|tx| {
             let job = tx
                 .query_row(
-                    "SELECT id, account_id, batch_id, image_url, output_format, output_size, bg_color FROM jobs
+                    "SELECT id, account_id, batch_id, source, client_ref, image_url, input_file, output_format,
+                            output_size, bg_color, reply_topic, correlation FROM jobs
                      WHERE status = 'queued' ORDER BY created_at, batch_id, position LIMIT 1",
                     [],
                     |r| {
@@ -201,10 +232,17 @@ impl Store {
                             id: r.get(0)?,
                             account_id: r.get(1)?,
                             batch_id: r.get(2)?,
-                            image_url: r.get::<_, Option<String>>(3)?.unwrap_or_default(),
-                            output_format: r.get(4)?,
-                            output_size: r.get(5)?,
-                            bg_color: r.get(6)?,
+                            source: r.get(3)?,
+                            client_ref: r.get(4)?,
+                            image_url: r.get(5)?,
+                            input_file: r.get(6)?,
+                            output_format: r.get(7)?,
+                            output_size: r.get(8)?,
+                            bg_color: r.get(9)?,
+                            reply: Reply {
+                                topic: r.get(10)?,
+                                correlation: r.get(11)?,
+                            },
                         })
                     },
                 )
@@ -213,6 +251,34 @@ impl Store {
                 tx.execute("UPDATE jobs SET status = 'running' WHERE id = ?1", [&j.id])?;
             }
             Ok(job)
+        })
+    }
+
+    /// Queues a job with its credit reserved. A submission seen before (same dedupe key) is not
+    /// queued again: the existing job's id and status come back instead.
+    pub fn enqueue_job(&self, q: &QueuedJob) -> Result<Enqueued> {
+        let now = clock::now();
+        self.write(|tx| {
+            let seen = tx
+                .query_row(
+                    "SELECT id, status FROM jobs WHERE dedupe_key = ?1",
+                    [&q.dedupe_key],
+                    |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)),
+                )
+                .optional()?;
+            if let Some((id, status)) = seen {
+                return Ok(Enqueued::Duplicate {
+                    id,
+                    status: JobStatus::parse(&status),
+                });
+            }
+            reserve(tx, q.job.account_id, 1, &q.job.id)?;
+            insert_job(tx, &q.job, JobStatus::Queued, None, now)?;
+            tx.execute(
+                "UPDATE jobs SET dedupe_key = ?2, reply_topic = ?3, correlation = ?4, input_file = ?5 WHERE id = ?1",
+                params![q.job.id, q.dedupe_key, q.reply.topic, q.reply.correlation, q.input_file],
+            )?;
+            Ok(Enqueued::Queued)
         })
     }
 
@@ -252,13 +318,14 @@ impl Store {
         })
     }
 
-    /// At start-up, before any work: running batch items go back to the queue; single requests
+    /// At start-up, before any work: running queued jobs go back to the queue; HTTP requests
     /// that were in flight cannot be answered any more, so they fail and release their credit.
     pub fn recover(&self) -> Result<Recovery> {
         let abandoned: Vec<String> = {
             let conn = self.conn();
-            let mut stmt =
-                conn.prepare("SELECT id FROM jobs WHERE batch_id IS NULL AND status IN ('queued', 'running')")?;
+            let mut stmt = conn.prepare(
+                "SELECT id FROM jobs WHERE batch_id IS NULL AND source = 'http' AND status IN ('queued', 'running')",
+            )?;
             stmt.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
         };
         for id in &abandoned {
@@ -266,7 +333,7 @@ impl Store {
         }
         let requeued = self.write(|tx| {
             Ok(tx.execute(
-                "UPDATE jobs SET status = 'queued' WHERE batch_id IS NOT NULL AND status = 'running'",
+                "UPDATE jobs SET status = 'queued' WHERE (batch_id IS NOT NULL OR source != 'http') AND status = 'running'",
                 [],
             )?)
         })?;
@@ -317,6 +384,17 @@ impl Store {
             created_at,
             items,
         }))
+    }
+
+    /// (total, completed, failed) of a batch.
+    pub fn batch_counts(&self, batch_id: &str) -> Result<(i64, i64, i64)> {
+        Ok(self.conn().query_row(
+            "SELECT (SELECT total FROM batches WHERE id = ?1),
+                    (SELECT COUNT(*) FROM jobs WHERE batch_id = ?1 AND status = 'completed'),
+                    (SELECT COUNT(*) FROM jobs WHERE batch_id = ?1 AND status = 'failed')",
+            [batch_id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?)
     }
 
     /// Jobs queued for a runner.
@@ -439,6 +517,55 @@ mod tests {
             "another account's batch is invisible"
         );
         assert_eq!(s.ledger_sums(a.id).unwrap(), (2, 0));
+    }
+
+    #[test]
+    fn queued_jobs_are_deduplicated_and_survive_a_restart() {
+        let (s, _d) = store();
+        let a = s.create_account("k", "Pro", 1, 1, clock::now()).unwrap();
+        let q = QueuedJob {
+            job: NewJob {
+                source: "mqtt",
+                client_ref: Some("rig-7".into()),
+                ..job("m1", a.id)
+            },
+            dedupe_key: "ref:rig-7".into(),
+            reply: Reply {
+                topic: Some("rig/answers".into()),
+                correlation: Some(vec![1, 2, 3]),
+            },
+            input_file: Some("m1.img".into()),
+        };
+        assert_eq!(s.enqueue_job(&q).unwrap(), Enqueued::Queued);
+        let again = QueuedJob {
+            job: job("m2", a.id),
+            ..q.clone()
+        };
+        assert_eq!(
+            s.enqueue_job(&again).unwrap(),
+            Enqueued::Duplicate {
+                id: "m1".into(),
+                status: JobStatus::Queued
+            }
+        );
+        let other = QueuedJob {
+            job: job("m3", a.id),
+            dedupe_key: "ref:rig-8".into(),
+            ..q.clone()
+        };
+        assert!(matches!(s.enqueue_job(&other), Err(StoreError::NoCredits { .. })));
+        let claimed = s.claim_next().unwrap().unwrap();
+        assert_eq!((claimed.id.as_str(), claimed.source.as_str()), ("m1", "mqtt"));
+        assert_eq!(claimed.reply, q.reply);
+        assert_eq!(claimed.input_file.as_deref(), Some("m1.img"));
+        assert_eq!(
+            s.recover().unwrap(),
+            Recovery {
+                requeued: 1,
+                abandoned: 0
+            }
+        );
+        assert_eq!(s.claim_next().unwrap().unwrap().id, "m1");
     }
 
     #[test]

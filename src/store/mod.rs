@@ -15,7 +15,9 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 pub use accounts::{Account, Quota};
-pub use jobs::{BatchItem, BatchView, ClaimedJob, Finished, JobStatus, NewBatchItem, NewJob, Recovery};
+pub use jobs::{
+    BatchItem, BatchView, ClaimedJob, Enqueued, Finished, JobStatus, NewBatchItem, NewJob, QueuedJob, Recovery, Reply,
+};
 pub use keys::{CreatedKey, KeyInfo, KeyRecord, SCOPES};
 pub use results::StoredResult;
 
@@ -34,7 +36,7 @@ pub enum StoreError {
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 
 /// Schema versions, applied in order; `PRAGMA user_version` records how many have run.
-const MIGRATIONS: &[&str] = &[include_str!("schema_v1.sql")];
+const MIGRATIONS: &[&str] = &[include_str!("schema_v1.sql"), include_str!("schema_v2.sql")];
 
 /// A handle to the database; clones share one connection.
 #[derive(Clone)]

@@ -1,0 +1,363 @@
+//! The MQTT side against a real mosquitto broker on a loopback port, with real daemons.
+
+mod common;
+mod daemon;
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use bytes::Bytes;
+use common::*;
+use daemon::*;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PublishProperties};
+use rumqttc::v5::{AsyncClient, Event, MqttOptions};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+/// A mosquitto process on a loopback port (kept across restarts).
+struct Broker {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut b = Broker { child: None, port, dir };
+        b.launch();
+        b
+    }
+
+    fn launch(&mut self) {
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
+                self.port
+            ),
+        )
+        .unwrap();
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto is installed (apt-get install mosquitto)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "mosquitto did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A received message.
+#[derive(Debug, Clone)]
+struct Msg {
+    topic: String,
+    body: Value,
+    correlation: Option<Bytes>,
+}
+
+/// A test client subscribed to `filters`; messages arrive on the returned channel.
+async fn watch(broker: &Broker, name: &str, filters: &[&str]) -> (AsyncClient, mpsc::UnboundedReceiver<Msg>) {
+    let mut opts = MqttOptions::new(name, "127.0.0.1", broker.port);
+    opts.set_max_packet_size(Some(32 * 1024 * 1024));
+    let (client, mut el) = AsyncClient::new(opts, 64);
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let mut ready = Some(ready_tx);
+    let subs: Vec<String> = filters.iter().map(|s| s.to_string()).collect();
+    let c = client.clone();
+    tokio::spawn(async move {
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    for f in &subs {
+                        c.subscribe(f.clone(), QoS::AtLeastOnce).await.unwrap();
+                    }
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let body = serde_json::from_slice(&p.payload)
+                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&p.payload).into_owned()));
+                    let msg = Msg {
+                        topic: String::from_utf8_lossy(&p.topic).into_owned(),
+                        body,
+                        correlation: p.properties.and_then(|pr| pr.correlation_data),
+                    };
+                    if tx.send(msg).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready_rx)
+        .await
+        .expect("subscribed")
+        .unwrap();
+    (client, rx)
+}
+
+/// The next message matching `pred`, skipping others; panics after `secs`.
+async fn next(rx: &mut mpsc::UnboundedReceiver<Msg>, secs: u64, pred: impl Fn(&Msg) -> bool) -> Msg {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let m = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("expected message did not arrive")
+            .expect("watcher stopped");
+        if pred(&m) {
+            return m;
+        }
+    }
+}
+
+async fn node(broker: &Broker, name: &str, credits: i64) -> Daemon {
+    Daemon::start(
+        credits,
+        &["--mqtt-url", &broker.url(), "--node-id", name, "--mqtt-account", "shop"],
+    )
+    .await
+}
+
+fn image_json() -> Value {
+    json!({"image_base64": b64(&read(fixture("chelsea.jpg"))), "output_size": "preview"})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http_job_is_mirrored_as_processing_then_completed_with_the_same_result_url() {
+    let broker = Broker::start();
+    let (_c, mut rx) = watch(&broker, "w1", &["removebg/nodeA/#"]).await;
+    let d = node(&broker, "nodeA", 5).await;
+    next(&mut rx, 20, |m| {
+        m.topic == "removebg/nodeA/available" && m.body == "online"
+    })
+    .await;
+    let key = d.key("shop", ALL_SCOPES);
+    let (s, _, v) = d.post_json("/v1/removebg/process", &key, &image_json()).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let id = v["id"].as_str().unwrap();
+    let topic = format!("removebg/nodeA/jobs/{id}");
+    let first = next(&mut rx, 20, |m| m.topic == topic).await;
+    assert_eq!(first.body["status"], "processing");
+    let done = next(&mut rx, 20, |m| m.topic == topic).await;
+    assert_eq!(done.body["status"], "completed", "{}", done.body);
+    assert_eq!(done.body["result_url"], v["result_url"]);
+    assert_eq!(
+        (done.body["width"].as_u64(), done.body["source"].as_str()),
+        (Some(451), Some("http"))
+    );
+
+    // Stats on request.
+    let (c, mut stats) = watch(&broker, "w2", &["removebg/nodeA/stats"]).await;
+    c.publish("removebg/nodeA/stats/get", QoS::AtLeastOnce, false, "")
+        .await
+        .unwrap();
+    let s = next(&mut stats, 20, |_| true).await.body;
+    assert_eq!(
+        (s["processed"].as_u64(), s["model"].as_str()),
+        (Some(1), Some("u2netp")),
+        "{s}"
+    );
+    assert!(s["median_latency_ms"].as_u64().is_some() && s["uptime_s"].is_u64());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitted_job_is_answered_on_its_response_topic_and_charged_to_the_mqtt_account() {
+    let broker = Broker::start();
+    let d = node(&broker, "nodeB", 1).await;
+    let (rig, mut answers) = watch(&broker, "rig", &["rig/answers", "removebg/results/#"]).await;
+    let props = |corr: &'static [u8]| PublishProperties {
+        response_topic: Some("rig/answers".into()),
+        correlation_data: Some(Bytes::from_static(corr)),
+        ..Default::default()
+    };
+    let mut job = image_json();
+    job["ref"] = json!("shot-1");
+    rig.publish_with_properties(
+        "removebg/jobs/submit",
+        QoS::AtLeastOnce,
+        false,
+        job.to_string(),
+        props(b"c-1"),
+    )
+    .await
+    .unwrap();
+    let m = next(&mut answers, 30, |m| m.topic == "rig/answers").await;
+    assert_eq!(m.correlation.as_deref(), Some(&b"c-1"[..]));
+    assert_eq!(
+        (m.body["status"].as_str(), m.body["ref"].as_str()),
+        (Some("completed"), Some("shot-1")),
+        "{}",
+        m.body
+    );
+    let r = d
+        .client
+        .get(m.body["result_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(d.credits("shop"), (1, 0));
+
+    // A bad payload gets a failed answer with the HTTP API's code, and costs nothing.
+    rig.publish_with_properties(
+        "removebg/jobs/submit",
+        QoS::AtLeastOnce,
+        false,
+        "not json",
+        props(b"c-2"),
+    )
+    .await
+    .unwrap();
+    let m = next(&mut answers, 20, |m| m.topic == "rig/answers").await;
+    assert_eq!(m.correlation.as_deref(), Some(&b"c-2"[..]));
+    assert_eq!(
+        (m.body["status"].as_str(), m.body["error"]["code"].as_str()),
+        (Some("failed"), Some("malformed_json"))
+    );
+    let bad_format = json!({"image_url": "http://10.0.0.1/a.jpg", "output_format": "gif", "ref": "shot-2"});
+    rig.publish("removebg/jobs/submit", QoS::AtLeastOnce, false, bad_format.to_string())
+        .await
+        .unwrap();
+    let m = next(&mut answers, 20, |m| m.topic == "removebg/results/shot-2").await;
+    assert_eq!(m.body["error"]["code"], "invalid_output_format");
+    // No credits left: refused as over HTTP (402's code).
+    let mut job = image_json();
+    job["ref"] = json!("shot-3");
+    rig.publish("removebg/jobs/submit", QoS::AtLeastOnce, false, job.to_string())
+        .await
+        .unwrap();
+    let m = next(&mut answers, 20, |m| m.topic == "removebg/results/shot-3").await;
+    assert_eq!(m.body["error"]["code"], "insufficient_credits");
+    assert_eq!(d.credits("shop"), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_twenty_submitted_jobs_and_each_is_answered_once() {
+    let broker = Broker::start();
+    let (_w, mut seen) = watch(&broker, "w3", &["removebg/results/#", "removebg/+/jobs/+"]).await;
+    let a = node(&broker, "nodeC", 50).await;
+    let b = node(&broker, "nodeD", 50).await;
+    // Both nodes must be subscribed before submitting, or the first takes everything.
+    let (_x, mut avail) = watch(&broker, "w4", &["removebg/+/available"]).await;
+    next(&mut avail, 20, |m| {
+        m.topic == "removebg/nodeC/available" && m.body == "online"
+    })
+    .await;
+    next(&mut avail, 20, |m| {
+        m.topic == "removebg/nodeD/available" && m.body == "online"
+    })
+    .await;
+    let (rig, _) = watch(&broker, "rig2", &["unused/topic"]).await;
+    for i in 0..20 {
+        let mut job = image_json();
+        job["ref"] = json!(format!("job-{i}"));
+        rig.publish("removebg/jobs/submit", QoS::AtLeastOnce, false, job.to_string())
+            .await
+            .unwrap();
+    }
+    let mut results = std::collections::HashMap::new();
+    let mut by_node = std::collections::HashMap::<String, usize>::new();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while results.len() < 20 || by_node.values().sum::<usize>() < 20 {
+        assert!(Instant::now() < deadline, "only {} results: {results:?}", results.len());
+        let m = next(&mut seen, 120, |_| true).await;
+        if let Some(r) = m.topic.strip_prefix("removebg/results/") {
+            assert_eq!(m.body["status"], "completed", "{}", m.body);
+            assert!(results.insert(r.to_owned(), m.body).is_none(), "{r} answered twice");
+        } else if m.body["status"] == "completed" {
+            *by_node
+                .entry(m.topic.split('/').nth(1).unwrap().to_owned())
+                .or_default() += 1;
+        }
+    }
+    // Nothing more arrives for these jobs.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while let Ok(m) = seen.try_recv() {
+        assert!(!m.topic.starts_with("removebg/results/"), "extra answer {m:?}");
+    }
+    assert!(by_node["nodeC"] > 0 && by_node["nodeD"] > 0, "{by_node:?}");
+    let (used_a, _) = a.credits("shop");
+    let (used_b, _) = b.credits("shop");
+    assert_eq!(
+        (used_a + used_b, used_a as usize, used_b as usize),
+        (20, by_node["nodeC"], by_node["nodeD"])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_keeps_working_while_the_broker_is_down_and_queued_events_arrive_after() {
+    let mut broker = Broker::start();
+    let d = node(&broker, "nodeE", 5).await;
+    let key = d.key("shop", ALL_SCOPES);
+    {
+        let (_w, mut rx) = watch(&broker, "w5", &["removebg/nodeE/available"]).await;
+        next(&mut rx, 20, |m| m.body == "online").await;
+    }
+    broker.stop();
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (s, _, v) = d.post_json("/v1/removebg/process", &key, &image_json()).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    broker.launch();
+    let (_w, mut rx) = watch(&broker, "w6", &["removebg/nodeE/#"]).await;
+    next(&mut rx, 60, |m| {
+        m.topic == "removebg/nodeE/available" && m.body == "online"
+    })
+    .await;
+    for id in &ids {
+        let topic = format!("removebg/nodeE/jobs/{id}");
+        let m = next(&mut rx, 30, |m| m.topic == topic && m.body["status"] == "completed").await;
+        assert!(m.body["result_url"].as_str().unwrap().ends_with(".png"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_node_goes_offline_through_its_last_will() {
+    let broker = Broker::start();
+    let (_w, mut rx) = watch(&broker, "w7", &["removebg/nodeF/available"]).await;
+    let mut d = node(&broker, "nodeF", 1).await;
+    next(&mut rx, 20, |m| m.body == "online").await;
+    d.kill();
+    let m = next(&mut rx, 30, |m| m.body == "offline").await;
+    assert_eq!(m.topic, "removebg/nodeF/available");
+}
