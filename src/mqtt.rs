@@ -19,15 +19,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::rfc3339;
 use crate::config::MqttSettings;
-use crate::jobs::request::{MAX_IMAGE_BYTES, parse_json};
+use crate::jobs::request::parse_json;
 use crate::jobs::{JobError, JobEvent, JobMeta, Jobs, new_id};
-use crate::store::{Enqueued, Reply};
+use crate::store::{Enqueued, Outcome, Reply};
 
 /// Largest packet accepted from the broker: a 10 MiB image as base64 plus JSON, with room to
 /// read (and refuse with an answer) a somewhat larger one.
 const MAX_INCOMING_PACKET: u32 = 24 * 1024 * 1024;
-/// Largest submission payload processed; above it the answer is `payload_too_large`.
-const MAX_SUBMISSION: usize = MAX_IMAGE_BYTES / 3 * 4 + 64 * 1024;
 /// Messages kept while the broker is unreachable.
 const OUTBOX_LIMIT: usize = 1000;
 const STATS_EVERY: Duration = Duration::from_secs(30);
@@ -455,15 +453,9 @@ async fn submit(p: &Publish, ctx: &MqttContext, topics: &Topics, counters: &Coun
         let body = json!({"id": id, "ref": client_ref, "source": "mqtt"});
         answer(topics, id, client_ref, &reply, merge(body, failure(code, &message)))
     };
+    // Size is bounded by MAX_INCOMING_PACKET; an image over the limit is refused (with the
+    // submitter's ref) by the same check as over HTTP, before it is decoded.
     let id = new_id("rbg");
-    if p.payload.len() > MAX_SUBMISSION {
-        let msg = format!(
-            "the submission is {} bytes; images are limited to {} MB",
-            p.payload.len(),
-            MAX_IMAGE_BYTES >> 20
-        );
-        return Some(refuse(&id, None, "payload_too_large", msg));
-    }
     let request = match parse_json(&p.payload) {
         Ok(r) => r,
         Err(e) => return Some(refuse(&id, None, e.code(), e.to_string())),
@@ -501,7 +493,28 @@ async fn submit(p: &Publish, ctx: &MqttContext, topics: &Topics, counters: &Coun
         }
         Ok((_, Enqueued::Duplicate { id, status })) => {
             tracing::info!(job_id = %id, status = status.as_str(), "MQTT submission already seen; not run again");
-            None
+            // A finished job is answered again (its first answer may have been lost); one still
+            // queued or running will answer when it ends.
+            let lookup = id.clone();
+            let outcome = ctx.jobs.db(move |s| s.job_outcome(&lookup)).await.ok().flatten()?;
+            let head = json!({"id": id, "ref": client_ref, "source": "mqtt"});
+            let body = match outcome {
+                Outcome::Completed {
+                    file,
+                    width,
+                    height,
+                    expires_at,
+                } => json!({
+                    "status": "completed",
+                    "result_url": format!("{}/v1/removebg/results/{file}", ctx.base_url),
+                    "width": width,
+                    "height": height,
+                    "credits_used": 1,
+                    "expires_at": rfc3339(expires_at),
+                }),
+                Outcome::Failed { code, message } => failure(&code, &message),
+            };
+            Some(answer(topics, &id, client_ref.as_deref(), &reply, merge(head, body)))
         }
         Err(e @ JobError::Internal(_)) => {
             // Not recorded: leave it unacknowledged so the broker delivers it again.

@@ -530,24 +530,17 @@ impl Jobs {
                 "recovered jobs from the last run"
             );
         }
-        let dir = self.results_dir().to_owned();
+        let results = self.results_dir().to_owned();
+        let inbox = self.0.settings.inbox_dir.clone();
         let store = self.0.store.clone();
         let removed = tokio::task::spawn_blocking(move || -> Result<usize, JobError> {
-            let mut removed = 0;
-            for entry in std::fs::read_dir(&dir).map_err(|e| JobError::Internal(e.to_string()))? {
-                let entry = entry.map_err(|e| JobError::Internal(e.to_string()))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if !store.result_known(&name)? {
-                    std::fs::remove_file(entry.path()).map_err(|e| JobError::Internal(e.to_string()))?;
-                    removed += 1;
-                }
-            }
-            Ok(removed)
+            let results = remove_unknown(&results, |f| store.result_known(f))?;
+            Ok(results + remove_unknown(&inbox, |f| store.input_pending(f))?)
         })
         .await
         .map_err(|e| JobError::Internal(e.to_string()))??;
         if removed > 0 {
-            tracing::info!(removed, "deleted result files without a record");
+            tracing::info!(removed, "deleted result and inbox files without a record");
         }
         Ok(())
     }
@@ -584,6 +577,21 @@ impl Jobs {
             }
         }
     }
+}
+
+/// Deletes the files in `dir` that `known` does not claim; returns how many.
+fn remove_unknown(dir: &Path, known: impl Fn(&str) -> store::Result<bool>) -> Result<usize, JobError> {
+    let io = |e: std::io::Error| JobError::Internal(format!("{}: {e}", dir.display()));
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !known(&name)? {
+            std::fs::remove_file(entry.path()).map_err(io)?;
+            removed += 1;
+        }
+    }
+    Ok(removed)
 }
 
 /// Writes, syncs and renames into place, then syncs the directory: the file survives a power cut.

@@ -131,6 +131,21 @@ impl BatchView {
     }
 }
 
+/// The end state of a finished job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Completed {
+        file: String,
+        width: u32,
+        height: u32,
+        expires_at: i64,
+    },
+    Failed {
+        code: String,
+        message: String,
+    },
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Enqueued {
     Queued,
@@ -384,6 +399,42 @@ impl Store {
             created_at,
             items,
         }))
+    }
+
+    /// How a finished job ended; `None` while it is queued or running (or unknown).
+    pub fn job_outcome(&self, id: &str) -> Result<Option<Outcome>> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT status, result_file, width, height, expires_at, error_code, error_message FROM jobs
+                 WHERE id = ?1 AND status IN ('completed', 'failed')",
+                [id],
+                |r| {
+                    Ok(if r.get::<_, String>(0)? == "completed" {
+                        Outcome::Completed {
+                            file: r.get(1)?,
+                            width: r.get(2)?,
+                            height: r.get(3)?,
+                            expires_at: r.get(4)?,
+                        }
+                    } else {
+                        Outcome::Failed {
+                            code: r.get::<_, Option<String>>(5)?.unwrap_or_default(),
+                            message: r.get::<_, Option<String>>(6)?.unwrap_or_default(),
+                        }
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    /// Whether an inbox file still belongs to a job waiting to run.
+    pub fn input_pending(&self, file: &str) -> Result<bool> {
+        Ok(self.conn().query_row(
+            "SELECT EXISTS(SELECT 1 FROM jobs WHERE input_file = ?1 AND status IN ('queued', 'running'))",
+            [file],
+            |r| r.get(0),
+        )?)
     }
 
     /// (total, completed, failed) of a batch.

@@ -16,7 +16,8 @@ use rusqlite::{Connection, OpenFlags, Transaction, TransactionBehavior};
 
 pub use accounts::{Account, Quota};
 pub use jobs::{
-    BatchItem, BatchView, ClaimedJob, Enqueued, Finished, JobStatus, NewBatchItem, NewJob, QueuedJob, Recovery, Reply,
+    BatchItem, BatchView, ClaimedJob, Enqueued, Finished, JobStatus, NewBatchItem, NewJob, Outcome, QueuedJob,
+    Recovery, Reply,
 };
 pub use keys::{CreatedKey, KeyInfo, KeyRecord, SCOPES};
 pub use results::StoredResult;
