@@ -458,3 +458,18 @@ async fn acknowledged_jobs_survive_a_sigkill_and_run_once_after_restart() {
         "queued images are cleaned up"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_shutdown_publishes_offline_and_exits_zero() {
+    let broker = Broker::start();
+    let (_w, mut rx) = watch(&broker, "w8", &["removebg/nodeI/available"]).await;
+    let mut d = node(&broker, "nodeI", 1).await;
+    next(&mut rx, 20, |m| m.body == "online").await;
+    let mut child = d.child.take().unwrap();
+    // SAFETY: signalling our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let m = next(&mut rx, 30, |m| m.body == "offline").await;
+    assert_eq!(m.topic, "removebg/nodeI/available");
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    assert!(status.success(), "{status}");
+}
