@@ -470,6 +470,69 @@ async fn a_clean_shutdown_publishes_offline_and_exits_zero() {
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let m = next(&mut rx, 30, |m| m.body == "offline").await;
     assert_eq!(m.topic, "removebg/nodeI/available");
-    let status = tokio::task::spawn_blocking(move || child.wait().unwrap()).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_progress_is_published_after_each_item() {
+    let broker = Broker::start();
+    let images = image_server().await;
+    let (_w, mut rx) = watch(&broker, "w9", &["removebg/nodeJ/#"]).await;
+    let d = Daemon::start(
+        5,
+        &[
+            "--mqtt-url",
+            &broker.url(),
+            "--node-id",
+            "nodeJ",
+            "--mqtt-account",
+            "shop",
+            "--fetch-allow",
+            "127.0.0.0/8",
+        ],
+    )
+    .await;
+    next(&mut rx, 20, |m| {
+        m.topic == "removebg/nodeJ/available" && m.body == "online"
+    })
+    .await;
+    let key = d.key("shop", ALL_SCOPES);
+    let body = json!({"images": [
+        {"url": format!("http://{images}/img/chelsea.jpg"), "id": "p1"},
+        {"url": format!("http://{images}/img/missing.jpg"), "id": "p2"}
+    ]});
+    let (s, _, v) = d.post_json("/v1/removebg/batch", &key, &body).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let topic = format!("removebg/nodeJ/batch/{}", v["job_id"].as_str().unwrap());
+    let mut seen = Vec::new();
+    let mut items = Vec::new();
+    while seen.len() < 2 {
+        let m = next(&mut rx, 30, |m| m.topic == topic || m.topic.contains("/jobs/")).await;
+        if m.topic == topic {
+            seen.push(m.body);
+        } else {
+            items.push(m.body);
+        }
+    }
+    assert_eq!(seen[0]["status"], "processing", "{seen:?}");
+    assert_eq!(seen[0]["total"], 2);
+    let last = &seen[1];
+    assert_eq!(
+        (
+            last["status"].as_str(),
+            last["completed"].as_i64(),
+            last["failed"].as_i64()
+        ),
+        (Some("completed"), Some(1), Some(1))
+    );
+    // The items themselves are mirrored with their batch and ref.
+    let item = items
+        .iter()
+        .find(|b| b["ref"] == "p2" && b["status"] == "failed")
+        .unwrap_or_else(|| panic!("{items:?}"));
+    assert_eq!(item["batch_id"], v["job_id"]);
+    assert_eq!(item["error"]["code"], "fetch_status");
 }
