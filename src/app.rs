@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::clock;
 use crate::config::{EngineArgs, ModelStoreArgs, ServeSettings};
@@ -17,6 +18,7 @@ use crate::jobs::{self, Jobs};
 use crate::mqtt;
 use crate::provision::{self, Fetcher};
 use crate::store::{SCOPES, Store};
+use crate::systemd::{self, Notifier};
 
 impl ModelStoreArgs {
     pub fn fetcher(&self) -> Fetcher {
@@ -93,8 +95,15 @@ pub const RESULTS_DIR: &str = "results";
 /// Images of queued MQTT jobs inside the data directory.
 pub const INBOX_DIR: &str = "inbox";
 
-/// Runs the daemon until SIGINT/SIGTERM.
+/// Runs the daemon until SIGINT/SIGTERM, then drains within `drain_timeout`.
 pub fn serve(settings: ServeSettings) -> Result<()> {
+    let systemd = Notifier::from_env();
+    let status = |s: &str| {
+        if let Some(n) = &systemd {
+            n.status(s);
+        }
+    };
+    status("opening the database");
     let results_dir = settings.data_dir.join(RESULTS_DIR);
     let inbox_dir = settings.data_dir.join(INBOX_DIR);
     for dir in [&results_dir, &inbox_dir] {
@@ -103,6 +112,7 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
     let db_path = settings.data_dir.join(DATABASE_FILE);
     let store = Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
     bootstrap(&store, &settings)?;
+    status(&format!("loading model {}", settings.engine.model));
     let engine = Arc::new(load_engine(&settings.engine)?);
 
     let mut own = local_addresses();
@@ -124,6 +134,9 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
             results_dir,
             inbox_dir,
             result_ttl: settings.result_ttl,
+            results_max_bytes: settings.results_max_bytes,
+            results_min_keep: settings.results_min_keep,
+            min_free_disk: settings.min_free_disk,
         },
     );
     let mqtt_account = match &settings.mqtt {
@@ -135,14 +148,18 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
         ),
         None => None,
     };
+    let link = Arc::new(crate::metrics::LinkState::default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("removebgd-io")
         .build()?;
     runtime.block_on(async move {
         jobs.recover().await?;
-        tokio::spawn(jobs.clone().run_queue());
-        tokio::spawn(jobs.clone().sweep_forever(settings.sweep_interval));
+        // Cancelled on SIGTERM/SIGINT: no new queued work starts, /readyz says so.
+        let draining = CancellationToken::new();
+        let queue_runs = TaskTracker::new();
+        let queue = tokio::spawn(jobs.clone().run_queue(draining.clone(), queue_runs.clone()));
+        let sweeper = tokio::spawn(jobs.clone().sweep_forever(settings.sweep_interval));
         let listener = tokio::net::TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("listening on {}", settings.listen))?;
@@ -157,6 +174,10 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
             uploads: Arc::new(tokio::sync::Semaphore::new(http::MAX_CONCURRENT_UPLOADS)),
             public_url: settings.public_url.clone(),
             fallback_url: fallback.clone(),
+            model: model_label.clone(),
+            requests: Arc::new(http::RequestMetrics::default()),
+            mqtt: Arc::clone(&link),
+            draining: draining.clone(),
         };
 
         let stop = CancellationToken::new();
@@ -167,32 +188,106 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
                     jobs: jobs.clone(),
                     account_id,
                     base_url: settings.public_url.clone().unwrap_or(fallback),
-                    model: model_label,
+                    model: model_label.clone(),
+                    link,
                 },
                 stop.clone(),
             )),
             _ => None,
         };
-        axum::serve(listener, http::router(state))
-            .with_graceful_shutdown(stop_signal())
-            .await?;
+        // Installed before READY=1: a stop right after start must drain, not kill.
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("installing the SIGTERM handler")?;
+        let watchdog = systemd::watchdog_interval().map(|every| tokio::spawn(watchdog(jobs.clone(), every)));
+        let ready = format!("serving on {bound} with model {model_label}");
+        if let Some(n) = &systemd {
+            n.ready(&ready);
+        }
+        let signal = {
+            let draining = draining.clone();
+            async move {
+                stop_signal(term).await;
+                draining.cancel();
+            }
+        };
+        let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(signal);
+        let mut server = tokio::spawn(async move { server.await });
+        // With no connection open, the server ends as soon as the signal arrives: both branches
+        // can be ready together.
+        let mut server_ended = false;
+        tokio::select! {
+            biased;
+            _ = draining.cancelled() => {}
+            ended = &mut server => {
+                ended.context("the HTTP server task")?.context("serving HTTP")?;
+                if !draining.is_cancelled() {
+                    bail!("the HTTP server stopped on its own");
+                }
+                server_ended = true;
+            }
+        }
+        if let Some(n) = &systemd {
+            n.stopping("draining requests and jobs in flight");
+        }
+        let deadline = tokio::time::Instant::now() + settings.drain_timeout;
+        tracing::info!(
+            deadline_s = settings.drain_timeout.as_secs(),
+            "stop requested; finishing requests and jobs in flight, queued work stays for the next start"
+        );
+        queue_runs.close();
+        let drained = tokio::time::timeout_at(deadline, async {
+            if !server_ended {
+                let _ = (&mut server).await;
+            }
+            queue_runs.wait().await;
+        })
+        .await
+        .is_ok();
+        if !drained {
+            tracing::warn!(
+                "drain deadline passed with work in flight; it is settled at the next start (batch items run again, single requests are marked interrupted)"
+            );
+        }
+        queue.abort();
+        sweeper.abort();
+        if let Some(w) = watchdog {
+            w.abort();
+        }
         stop.cancel();
         if let Some(task) = mqtt {
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+            // The MQTT node publishes `offline` and disconnects; bounded like everything else.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let _ = tokio::time::timeout(left.max(std::time::Duration::from_secs(2)), task).await;
         }
         tracing::info!("stopped");
+        if !drained {
+            // Inference threads are still busy with work the deadline cut short; leave without
+            // waiting for them (everything they would record is settled at the next start).
+            std::process::exit(0);
+        }
         Ok(())
     })
 }
 
-async fn stop_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
+async fn stop_signal(mut term: tokio::signal::unix::Signal) {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("stop requested; finishing requests in flight");
+}
+
+/// Pings systemd's watchdog at half its interval while the database answers writes and the
+/// workers make progress; a hung daemon stops pinging and systemd restarts it.
+async fn watchdog(jobs: jobs::Jobs, every: std::time::Duration) {
+    let Some(notifier) = Notifier::from_env() else { return };
+    let mut tick = tokio::time::interval(every / 2);
+    loop {
+        tick.tick().await;
+        match jobs.alive().await {
+            Ok(()) => notifier.watchdog(),
+            Err(why) => tracing::error!(error = %why, "health check failed; withholding the watchdog ping"),
+        }
+    }
 }
 
 /// `result_url` base when neither --public-url nor a Host header says better.
@@ -218,6 +313,18 @@ fn bootstrap(store: &Store, settings: &ServeSettings) -> Result<()> {
     let scopes: Vec<String> = SCOPES.iter().map(|s| s.to_string()).collect();
     let key = store.create_key(DEFAULT_ACCOUNT, &scopes, None, now)?;
     let port = settings.listen.port();
+    if std::env::var_os("JOURNAL_STREAM").is_some() {
+        // Under systemd stdout is the journal, which keeps everything: hand the key over in a
+        // file only the service user (and root) can read.
+        let path = settings.data_dir.join(INITIAL_KEY_FILE);
+        write_private(&path, &format!("{}\n", key.key)).with_context(|| format!("writing {}", path.display()))?;
+        println!(
+            "First start: created account {DEFAULT_ACCOUNT:?} and an API key with every scope; the key is in {} \
+             (readable by the service user and root only). Copy it somewhere safe and delete the file.",
+            path.display()
+        );
+        return Ok(());
+    }
     // Straight to stdout, never through the log: the key must not end up in log files.
     println!(
         "\nFirst start: created account {DEFAULT_ACCOUNT:?} ({DEFAULT_CREDITS} credits a month) and an API key with \
@@ -226,6 +333,21 @@ fn bootstrap(store: &Store, settings: &ServeSettings) -> Result<()> {
         key.key, key.key
     );
     Ok(())
+}
+
+/// Where the first key goes when stdout is the journal.
+pub const INITIAL_KEY_FILE: &str = "initial-api-key";
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()
 }
 
 const DEFAULT_ACCOUNT: &str = "default";

@@ -78,6 +78,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         .ok_or_else(|| format!("{text:?} is too long"))
 }
 
+/// The text `parse_duration` reads back as `d` (whole seconds), in the largest exact unit.
+pub fn format_duration(d: Duration) -> String {
+    let secs = d.as_secs();
+    for (unit, scale) in [("w", 7 * 86_400), ("d", 86_400), ("h", 3600), ("m", 60)] {
+        if secs >= scale && secs % scale == 0 {
+            return format!("{}{unit}", secs / scale);
+        }
+    }
+    format!("{secs}s")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +129,15 @@ mod tests {
         assert!(parse_duration("d").is_err());
         assert!(parse_duration("3 months").is_err());
         assert!(parse_duration("99999999999999999999w").is_err());
+    }
+
+    #[test]
+    fn formatted_durations_parse_back() {
+        for secs in [0, 1, 59, 60, 90, 3600, 5400, 86_400, 604_800, 1_209_600 + 1] {
+            let d = Duration::from_secs(secs);
+            assert_eq!(parse_duration(&format_duration(d)).unwrap(), d, "{secs}");
+        }
+        assert_eq!(format_duration(Duration::from_secs(86_400)), "1d");
+        assert_eq!(format_duration(Duration::from_secs(90)), "90s");
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::engine::{BgColor, DEFAULT_MAX_PIXELS, OutputFormat, OutputSize, Precision};
 use crate::provision::DEFAULT_MODEL;
@@ -46,6 +46,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Run the daemon: the RemoveBG REST API on the LAN, with state in SQLite.
     Serve(Box<ServeArgs>),
+    /// Show the daemon's configuration.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Manage accounts and their credits (works while the daemon runs).
     #[command(subcommand)]
     Accounts(AccountsCommand),
@@ -141,12 +144,19 @@ pub struct BenchArgs {
     pub engine: EngineArgs,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print the effective configuration (defaults < config file < environment < flags) as a
+    /// config file; takes the same flags as `serve`. The MQTT password is never printed.
+    Print(Box<ServeArgs>),
+}
+
 /// Default config file, read when it exists and `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "/etc/removebgd/config.toml";
 
 /// `removebgd serve` settings. Precedence: flag > environment > config file > default. Every
 /// field can also be set in the TOML config file under the same name (snake_case).
-#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[derive(Debug, Clone, Default, Args, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServeArgs {
     /// Config file (TOML). Default: /etc/removebgd/config.toml when it exists.
@@ -189,6 +199,21 @@ pub struct ServeArgs {
     /// Shortest interval between two polls of the same batch [default: 2s].
     #[arg(long, env = "REMOVEBGD_BATCH_POLL_INTERVAL")]
     pub batch_poll_interval: Option<String>,
+    /// On SIGTERM, how long requests and jobs in flight may take to finish before the daemon
+    /// exits anyway [default: 30s; keep it below systemd's TimeoutStopSec].
+    #[arg(long, env = "REMOVEBGD_DRAIN_TIMEOUT")]
+    pub drain_timeout: Option<String>,
+    /// Most megabytes the result files may take; the soonest-expiring results are evicted to
+    /// make room [default: 1024].
+    #[arg(long, env = "REMOVEBGD_RESULTS_MAX_MB")]
+    pub results_max_mb: Option<u64>,
+    /// Results younger than this are never evicted; when only such results fill the cap, new
+    /// requests get 507 [default: 5m].
+    #[arg(long, env = "REMOVEBGD_RESULTS_MIN_KEEP")]
+    pub results_min_keep: Option<String>,
+    /// Free megabytes the data disk keeps: below it new work gets 507 and /readyz 503 [default: 256].
+    #[arg(long, env = "REMOVEBGD_MIN_FREE_DISK_MB")]
+    pub min_free_disk_mb: Option<u64>,
     /// MQTT broker, e.g. mqtt://192.168.1.5:1883 or mqtts://broker.lan:8883 (user:password@
     /// may be given in the URL) [default: none, MQTT off].
     #[arg(long, env = "REMOVEBGD_MQTT_URL")]
@@ -242,6 +267,10 @@ pub struct ServeSettings {
     pub rate_limit: f64,
     pub rate_burst: u32,
     pub batch_poll_interval: std::time::Duration,
+    pub drain_timeout: std::time::Duration,
+    pub results_max_bytes: u64,
+    pub results_min_keep: std::time::Duration,
+    pub min_free_disk: u64,
     pub mqtt: Option<MqttSettings>,
     pub engine: EngineArgs,
 }
@@ -360,6 +389,13 @@ fn duration(key: &str, value: Option<String>, default: &str) -> Result<std::time
     crate::clock::parse_duration(&text).map_err(|e| anyhow::anyhow!("{key}: {e}"))
 }
 
+fn megabytes(key: &str, value: Option<u64>, default: u64) -> Result<u64> {
+    value
+        .unwrap_or(default)
+        .checked_mul(1_000_000)
+        .ok_or_else(|| anyhow::anyhow!("{key}: too large"))
+}
+
 fn cidrs(key: &str, values: Option<Vec<String>>) -> Result<Vec<crate::fetch::Cidr>> {
     values
         .unwrap_or_default()
@@ -414,6 +450,14 @@ impl ServeArgs {
                 self.batch_poll_interval.or(file.batch_poll_interval),
                 "2s",
             )?,
+            drain_timeout: duration("drain_timeout", self.drain_timeout.or(file.drain_timeout), "30s")?,
+            results_max_bytes: megabytes("results_max_mb", self.results_max_mb.or(file.results_max_mb), 1024)?,
+            results_min_keep: duration(
+                "results_min_keep",
+                self.results_min_keep.or(file.results_min_keep),
+                "5m",
+            )?,
+            min_free_disk: megabytes("min_free_disk_mb", self.min_free_disk_mb.or(file.min_free_disk_mb), 256)?,
             engine: EngineArgs {
                 model: self.model.or(file.model).unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
                 store: ModelStoreArgs {
@@ -428,6 +472,57 @@ impl ServeArgs {
                 max_pixels: self.max_pixels.or(file.max_pixels).unwrap_or(DEFAULT_MAX_PIXELS),
             },
         })
+    }
+}
+
+impl ServeSettings {
+    /// These settings as a config file that resolves to them again (the MQTT password left out).
+    pub fn to_toml(&self) -> String {
+        let text = |d: std::time::Duration| Some(crate::clock::format_duration(d));
+        let cidr_list = |v: &[crate::fetch::Cidr]| Some(v.iter().map(ToString::to_string).collect());
+        let m = self.mqtt.as_ref();
+        let args = ServeArgs {
+            config: None,
+            listen: Some(self.listen),
+            data_dir: Some(self.data_dir.clone()),
+            public_url: self.public_url.clone(),
+            workers: Some(self.workers),
+            fetch_allow: cidr_list(&self.fetch_allow),
+            fetch_deny: cidr_list(&self.fetch_deny),
+            result_ttl: text(self.result_ttl),
+            sweep_interval: text(self.sweep_interval),
+            rate_limit: Some(self.rate_limit),
+            rate_burst: Some(self.rate_burst),
+            batch_poll_interval: text(self.batch_poll_interval),
+            drain_timeout: text(self.drain_timeout),
+            results_max_mb: Some(self.results_max_bytes / 1_000_000),
+            results_min_keep: text(self.results_min_keep),
+            min_free_disk_mb: Some(self.min_free_disk / 1_000_000),
+            mqtt_url: m.map(|m| {
+                let host = if m.host.contains(':') {
+                    format!("[{}]", m.host)
+                } else {
+                    m.host.clone()
+                };
+                format!("{}://{host}:{}", if m.tls { "mqtts" } else { "mqtt" }, m.port)
+            }),
+            mqtt_username: m.and_then(|m| m.username.clone()),
+            mqtt_password: None,
+            node_id: m.map(|m| m.node_id.clone()),
+            mqtt_prefix: m.map(|m| m.prefix.clone()),
+            mqtt_account: m.map(|m| m.account.clone()),
+            model: Some(self.engine.model.clone()),
+            models_dir: Some(self.engine.store.models_dir.clone()),
+            model_mirror: self.engine.store.mirror.clone(),
+            threads: self.engine.threads,
+            precision: Some(self.engine.precision),
+            max_pixels: Some(self.engine.max_pixels),
+        };
+        let mut out = toml::to_string(&args).expect("plain settings serialise");
+        if m.is_some_and(|m| m.password.is_some()) {
+            out.push_str("# mqtt_password is set (not shown)\n");
+        }
+        out
     }
 }
 
@@ -541,6 +636,71 @@ mod tests {
         assert_eq!(s.result_ttl, std::time::Duration::from_secs(7200));
         assert_eq!(s.data_dir, PathBuf::from("data"), "default");
         assert_eq!(s.engine.model, "isnet");
+    }
+
+    #[test]
+    fn the_printed_config_resolves_to_the_same_settings() {
+        let (_d, mut args) = with_file(
+            "workers = 3\nmqtt_url = \"mqtt://rig:secret@127.0.0.1:1884\"\nfetch_allow = [\"127.0.0.0/8\"]\n\
+             results_min_keep = \"90s\"\nmin_free_disk_mb = 10\n",
+        );
+        args.node_id = Some("kiosk-1".into());
+        args.drain_timeout = Some("2m".into());
+        let mut first = args.resolve().unwrap();
+        let printed = first.to_toml();
+        assert!(!printed.contains("secret"), "the password stays out:\n{printed}");
+        assert!(printed.contains("mqtt_password is set"), "{printed}");
+        let (_d2, again) = with_file(&printed);
+        let second = again.resolve().unwrap();
+        first.mqtt.as_mut().unwrap().password = None;
+        assert_eq!(format!("{first:?}"), format!("{second:?}"), "{printed}");
+        assert_eq!(second.drain_timeout, std::time::Duration::from_secs(120));
+        assert_eq!(second.min_free_disk, 10_000_000);
+    }
+
+    /// The shipped example documents every key, and its values are the real defaults (except
+    /// the keys that have none, which show an example).
+    #[test]
+    fn the_example_config_lists_every_key_with_its_default() {
+        let example = include_str!("../systemd/config.example.toml");
+        let uncommented: String = example
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| {
+                l.split_once(" = ")
+                    .is_some_and(|(k, _)| k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let table: toml::Table = uncommented.parse().unwrap();
+        let cmd = <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
+        for arg in cmd
+            .get_arguments()
+            .map(|a| a.get_id().as_str())
+            .filter(|id| *id != "config")
+        {
+            assert!(table.contains_key(arg), "the example config lacks `{arg}`");
+        }
+        const EXAMPLES_ONLY: &[&str] = &[
+            "public_url",
+            "fetch_allow",
+            "fetch_deny",
+            "model_mirror",
+            "threads",
+            "mqtt_url",
+            "mqtt_username",
+            "mqtt_password",
+            "node_id",
+        ];
+        let defaults: String = uncommented
+            .lines()
+            .filter(|l| !EXAMPLES_ONLY.iter().any(|k| l.starts_with(&format!("{k} = "))))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let (_d, args) = with_file(&defaults);
+        let from_example = args.resolve().unwrap();
+        let (_d, empty) = with_file("");
+        assert_eq!(format!("{from_example:?}"), format!("{:?}", empty.resolve().unwrap()));
     }
 
     #[test]

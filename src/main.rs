@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use removebgd::commands;
-use removebgd::config::{Cli, Command};
+use removebgd::config::{Cli, Command, ConfigCommand};
 
 fn main() -> ExitCode {
     keep_buffers_in_heap();
@@ -13,6 +13,10 @@ fn main() -> ExitCode {
         Command::Models(cmd) => commands::models::run(cmd).map(|()| true),
         Command::Bench(args) => commands::bench::run(args).map(|()| true),
         Command::Serve(args) => args.resolve().and_then(removebgd::app::serve).map(|()| true),
+        Command::Config(ConfigCommand::Print(args)) => args.resolve().map(|s| {
+            print!("{}", s.to_toml());
+            true
+        }),
         Command::Accounts(cmd) => commands::admin::accounts(cmd).map(|()| true),
         Command::Keys(cmd) => commands::admin::keys(cmd).map(|()| true),
     };

@@ -39,6 +39,8 @@ pub struct MqttContext {
     /// Base of result URLs for jobs that did not come over HTTP.
     pub base_url: String,
     pub model: String,
+    /// Connection state, for /metrics.
+    pub link: Arc<crate::metrics::LinkState>,
 }
 
 struct Outgoing {
@@ -96,6 +98,7 @@ enum Net {
 
 /// Connects and runs until `stop` is cancelled; then publishes `offline` and disconnects.
 pub fn start(settings: &MqttSettings, ctx: MqttContext, stop: CancellationToken) -> tokio::task::JoinHandle<()> {
+    ctx.link.set_connected(false);
     let topics = Arc::new(Topics {
         prefix: settings.prefix.clone(),
         node: settings.node_id.clone(),
@@ -211,6 +214,7 @@ impl Node {
                             tracing::debug!(error = %why, "MQTT broker unreachable");
                         }
                         self.connected = false;
+                        self.ctx.link.set_connected(false);
                     }
                     Some(Net::Message(p)) => self.incoming(p, &answers_tx),
                     None => return,
@@ -225,7 +229,7 @@ impl Node {
                 },
                 Some(answer) = answers.recv() => self.queue(answer),
                 _ = stats.tick() => {
-                    let s = self.stats().await;
+                    let s = stats_message(&self.ctx, &self.counters, &self.topics).await;
                     self.queue(s);
                 }
                 _ = retry.tick(), if self.connected && !self.outbox.is_empty() => {}
@@ -241,6 +245,7 @@ impl Node {
     async fn connected(&mut self) {
         tracing::info!(node = %self.topics.node, "MQTT connected");
         self.connected = true;
+        self.ctx.link.set_connected(true);
         // Subscriptions are renewed on every connection, as the session may be new.
         let subs = [
             (self.topics.shared_submit(), QoS::AtLeastOnce),
@@ -302,11 +307,6 @@ impl Node {
         }
     }
 
-    fn result_url(&self, job: &JobMeta, file: &str) -> String {
-        let base = job.base_url.as_deref().unwrap_or(&self.ctx.base_url);
-        format!("{base}/v1/removebg/results/{file}")
-    }
-
     /// Mirrors a job event, and answers MQTT submitters.
     fn mirror(&mut self, event: JobEvent) {
         match event {
@@ -321,17 +321,8 @@ impl Node {
                 height,
                 expires_at,
             } => {
-                let body = with_job(
-                    &job,
-                    json!({
-                        "status": "completed",
-                        "result_url": self.result_url(&job, &file),
-                        "width": width,
-                        "height": height,
-                        "credits_used": 1,
-                        "expires_at": rfc3339(expires_at),
-                    }),
-                );
+                let base = job.base_url.as_deref().unwrap_or(&self.ctx.base_url);
+                let body = with_job(&job, completed(base, &file, width, height, expires_at));
                 self.queue(plain(self.topics.job(&job.id), body.clone()));
                 if job.source == "mqtt" {
                     let answer = answer(&self.topics, &job.id, job.client_ref.as_deref(), &job.reply, body);
@@ -407,10 +398,6 @@ impl Node {
             }
         });
     }
-
-    async fn stats(&self) -> Outgoing {
-        stats_message(&self.ctx, &self.counters, &self.topics).await
-    }
 }
 
 async fn stats_message(ctx: &MqttContext, counters: &Counters, topics: &Topics) -> Outgoing {
@@ -478,8 +465,7 @@ async fn submit(p: &Publish, ctx: &MqttContext, topics: &Topics, counters: &Coun
             h.update(&p.payload);
             h.update(reply.topic.as_deref().unwrap_or("").as_bytes());
             h.update(reply.correlation.as_deref().unwrap_or(&[]));
-            let hex: String = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
-            format!("sha256:{hex}")
+            format!("sha256:{}", crate::digest::hex(&h.finalize()))
         }
     };
     match ctx
@@ -504,14 +490,7 @@ async fn submit(p: &Publish, ctx: &MqttContext, topics: &Topics, counters: &Coun
                     width,
                     height,
                     expires_at,
-                } => json!({
-                    "status": "completed",
-                    "result_url": format!("{}/v1/removebg/results/{file}", ctx.base_url),
-                    "width": width,
-                    "height": height,
-                    "credits_used": 1,
-                    "expires_at": rfc3339(expires_at),
-                }),
+                } => completed(&ctx.base_url, &file, width, height, expires_at),
                 Outcome::Failed { code, message } => failure(&code, &message),
             };
             Some(answer(topics, &id, client_ref.as_deref(), &reply, merge(head, body)))
@@ -523,6 +502,17 @@ async fn submit(p: &Publish, ctx: &MqttContext, topics: &Topics, counters: &Coun
         }
         Err(e) => Some(refuse(&id, client_ref.as_deref(), e.code(), e.to_string())),
     }
+}
+
+fn completed(base_url: &str, file: &str, width: u32, height: u32, expires_at: i64) -> Value {
+    json!({
+        "status": "completed",
+        "result_url": format!("{base_url}/v1/removebg/results/{file}"),
+        "width": width,
+        "height": height,
+        "credits_used": 1,
+        "expires_at": rfc3339(expires_at),
+    })
 }
 
 fn failure(code: &str, message: &str) -> Value {

@@ -606,8 +606,6 @@ fn verify(spec: &ModelSpec, staged: &mut NamedTempFile, origin: &str) -> Result<
 }
 
 fn sha256_hex(mut reader: impl Read) -> io::Result<String> {
-    use std::fmt::Write as _;
-
     let mut hasher = Sha256::new();
     let mut buf = vec![0; 1 << 16];
     loop {
@@ -618,13 +616,7 @@ fn sha256_hex(mut reader: impl Read) -> io::Result<String> {
             Err(err) => return Err(err),
         }
     }
-    Ok(hasher
-        .finalize()
-        .iter()
-        .fold(String::with_capacity(64), |mut hex, byte| {
-            let _ = write!(hex, "{byte:02x}"); // writing to a String cannot fail
-            hex
-        }))
+    Ok(crate::digest::hex(&hasher.finalize()))
 }
 
 #[cfg(test)]

@@ -677,22 +677,7 @@ async fn rate_limits_per_key_and_batch_polling_answer_429_with_retry_after() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_start_creates_a_default_account_and_prints_a_working_key_once() {
     let dir = tempfile::tempdir().unwrap();
-    let mut cmd = bin();
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--model",
-        "u2netp",
-        "--threads",
-        "1",
-    ])
-    .arg("--data-dir")
-    .arg(dir.path().join("data"))
-    .arg("--models-dir")
-    .arg(dir.path().join("models"))
-    .arg("--model-mirror")
-    .arg(mirror());
+    let cmd = serve_cmd(dir.path());
     let (mut child, addr, log) = spawn_serve(cmd);
     let port = addr.port();
     let stdout = child.stdout.take().unwrap();
@@ -732,22 +717,6 @@ async fn first_start_creates_a_default_account_and_prints_a_working_key_once() {
         !log.contains(&key) && !log.contains(&key[17..]),
         "the key is not logged"
     );
-}
-
-/// A JPEG of random pixels: its cutout compresses badly, so the PNG is large.
-fn noise_jpeg(w: u32, h: u32) -> Vec<u8> {
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let img = image::RgbImage::from_fn(w, h, |_, _| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
-    });
-    let mut out = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
-        .encode_image(&img)
-        .unwrap();
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -340,7 +340,13 @@ async fn http_keeps_working_while_the_broker_is_down_and_queued_events_arrive_af
         let (_w, mut rx) = watch(&broker, "w5", &["removebg/nodeE/available"]).await;
         next(&mut rx, 20, |m| m.body == "online").await;
     }
+    assert_eq!(mqtt_connected(&d).await, "1", "/metrics shows the link up");
     broker.stop();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mqtt_connected(&d).await != "0" {
+        assert!(Instant::now() < deadline, "/metrics never showed the link down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut ids = Vec::new();
     for _ in 0..2 {
         let (s, _, v) = d.post_json("/v1/removebg/process", &key, &image_json()).await;
@@ -358,6 +364,23 @@ async fn http_keeps_working_while_the_broker_is_down_and_queued_events_arrive_af
         let m = next(&mut rx, 30, |m| m.topic == topic && m.body["status"] == "completed").await;
         assert!(m.body["result_url"].as_str().unwrap().ends_with(".png"));
     }
+}
+
+/// The `removebgd_mqtt_connected` sample of the node's /metrics.
+async fn mqtt_connected(d: &Daemon) -> String {
+    let text = d
+        .client
+        .get(d.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("removebgd_mqtt_connected "))
+        .expect("the metric is there when MQTT is configured")
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

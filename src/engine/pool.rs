@@ -3,10 +3,11 @@
 //! Callers get a `Ticket` they can `.await` (async) or `wait()` on (CLI).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::task::{Context, Poll};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
@@ -29,10 +30,19 @@ impl<R> Future for Ticket<R> {
     }
 }
 
-#[derive(Default)]
 struct Counters {
     queued: AtomicUsize,
     running: AtomicUsize,
+    /// Milliseconds after `epoch` at which a task last started or finished.
+    progress_ms: AtomicU64,
+    epoch: Instant,
+}
+
+impl Counters {
+    fn progressed(&self) {
+        self.progress_ms
+            .store(self.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
 }
 
 pub struct Pool {
@@ -52,7 +62,12 @@ impl Pool {
         let workers = workers.max(1);
         let (tx, rx) = mpsc::channel::<Task>();
         let rx = Arc::new(Mutex::new(rx));
-        let counters = Arc::new(Counters::default());
+        let counters = Arc::new(Counters {
+            queued: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            progress_ms: AtomicU64::new(0),
+            epoch: Instant::now(),
+        });
         let threads = (0..workers)
             .map(|i| {
                 let rx = Arc::clone(&rx);
@@ -65,10 +80,12 @@ impl Pool {
                             let Ok(task) = next else { break };
                             counters.queued.fetch_sub(1, Ordering::Relaxed);
                             counters.running.fetch_add(1, Ordering::Relaxed);
+                            counters.progressed();
                             // A panicking task drops its sender (the caller sees `Abandoned`);
                             // the worker itself carries on.
                             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(task));
                             counters.running.fetch_sub(1, Ordering::Relaxed);
+                            counters.progressed();
                         }
                     })
                     .expect("spawn worker thread")
@@ -117,6 +134,16 @@ impl Pool {
         self.counters.running.load(Ordering::Relaxed)
     }
 
+    /// Whether a task is running and none has started or finished for `limit`: a worker is stuck.
+    pub fn stalled(&self, limit: Duration) -> bool {
+        let c = &self.counters;
+        let since = c
+            .epoch
+            .elapsed()
+            .saturating_sub(Duration::from_millis(c.progress_ms.load(Ordering::Relaxed)));
+        c.running.load(Ordering::Relaxed) > 0 && since > limit
+    }
+
     /// Stops taking tasks, lets the queued and running ones finish, and joins the threads.
     pub fn shutdown(&self) {
         self.tx.lock().expect("pool lock poisoned").take();
@@ -136,7 +163,6 @@ impl Drop for Pool {
 mod tests {
     use super::*;
     use std::sync::Barrier;
-    use std::time::Duration;
 
     #[test]
     fn never_runs_more_than_its_workers() {
@@ -181,6 +207,27 @@ mod tests {
             std::thread::sleep(Duration::from_millis(1));
         }
         assert_eq!((pool.running(), pool.queued()), (0, 0));
+    }
+
+    #[test]
+    fn a_long_task_counts_as_stalled_only_past_the_limit() {
+        let pool = Pool::new(1);
+        let gate = Arc::new(Barrier::new(2));
+        let g = Arc::clone(&gate);
+        let task = pool.submit(move || {
+            g.wait();
+            std::thread::sleep(Duration::from_millis(120));
+        });
+        gate.wait();
+        assert!(!pool.stalled(Duration::from_secs(60)));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(
+            pool.stalled(Duration::from_millis(30)),
+            "running for longer than the limit"
+        );
+        task.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!pool.stalled(Duration::from_millis(1)), "an idle pool is not stalled");
     }
 
     #[test]

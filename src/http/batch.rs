@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::auth::Caller;
 use super::error::ApiError;
 use super::process::SCOPE_PROCESS;
-use super::{AppState, BATCH_BODY_LIMIT, read_body};
+use super::{AppState, BATCH_BODY_LIMIT, content_type, is_json, read_body};
 use crate::clock::rfc3339;
 use crate::jobs::request;
 use crate::store::JobStatus;
@@ -118,12 +118,6 @@ fn parse(body: &[u8]) -> Result<BatchBody, ApiError> {
     Ok(b)
 }
 
-fn json_body(ct: Option<&axum::http::HeaderValue>) -> bool {
-    ct.and_then(|v| v.to_str().ok())
-        .map(|v| v.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
-        .is_some_and(|v| v == "application/json" || v.ends_with("+json"))
-}
-
 pub async fn submit(
     State(state): State<AppState>,
     req: axum::extract::Request,
@@ -133,7 +127,7 @@ pub async fn submit(
     let caller = Caller::from_request_parts(&mut parts, &state).await?;
     caller.require(SCOPE_WRITE)?;
     caller.require(SCOPE_PROCESS)?;
-    if !json_body(parts.headers.get(axum::http::header::CONTENT_TYPE)) {
+    if !is_json(&content_type(&parts.headers)) {
         return Err(ApiError::bad_request(
             "unsupported_media_type",
             "send the batch as application/json",

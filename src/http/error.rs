@@ -3,13 +3,15 @@
 //! Status codes are decided here and only here. 500s are logged in full and shown as nothing
 //! more than "internal error" plus the request id.
 
-use axum::extract::Request;
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use tracing::Instrument;
 
+use super::AppState;
+use super::health::route_label;
 use crate::engine::{EngineError, ImageError};
 use crate::fetch::FetchError;
 use crate::jobs::JobError;
@@ -85,6 +87,7 @@ impl From<JobError> for ApiError {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, i.to_string())
             }
             JobError::NotFound(m) => ApiError::not_found(code, m),
+            JobError::Storage(m) => ApiError::new(StatusCode::INSUFFICIENT_STORAGE, code, m),
             JobError::Engine(_) | JobError::Internal(_) => ApiError::internal(e),
         }
     }
@@ -122,8 +125,9 @@ fn render(err: &ApiError, id: &str) -> Response {
 
 /// Gives every request an id and a span, renders errors with it, sets `X-Request-Id`, and turns
 /// axum's own plain-text rejections (405) into the JSON shape.
-pub async fn request_id(req: Request, next: Next) -> Response {
+pub async fn request_id(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let id = format!("req_{}", crate::store::token(8));
+    let route = route_label(req.extensions().get::<MatchedPath>().map(MatchedPath::as_str));
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
     let started = std::time::Instant::now();
     let mut res = next.run(req).instrument(span.clone()).await;
@@ -145,10 +149,12 @@ pub async fn request_id(req: Request, next: Next) -> Response {
         }
         res = rendered;
     }
+    let took = started.elapsed();
+    state.requests.record(route, res.status().as_u16(), took);
     span.in_scope(|| {
         tracing::info!(
             status = res.status().as_u16(),
-            ms = started.elapsed().as_millis() as u64,
+            ms = took.as_millis() as u64,
             "request done"
         )
     });

@@ -4,6 +4,7 @@
 mod auth;
 mod batch;
 mod error;
+mod health;
 mod process;
 mod quota;
 mod results;
@@ -19,6 +20,7 @@ use axum::routing::{get, post};
 
 pub use auth::{PollLimiter, RateLimiter};
 pub use error::ApiError;
+pub use health::RequestMetrics;
 
 use crate::jobs::Jobs;
 
@@ -42,6 +44,13 @@ pub struct AppState {
     /// Configured public base URL; otherwise the request's Host, otherwise `fallback_url`.
     pub public_url: Option<String>,
     pub fallback_url: String,
+    /// Model name, for /readyz and /metrics.
+    pub model: String,
+    pub requests: Arc<RequestMetrics>,
+    /// MQTT link state for /metrics (never configured: no metric).
+    pub mqtt: Arc<crate::metrics::LinkState>,
+    /// Cancelled when shutdown begins: /readyz turns 503 so balancers stop sending work.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 impl AppState {
@@ -65,6 +74,23 @@ impl AppState {
     fn result_url(&self, headers: &HeaderMap, file: &str) -> String {
         format!("{}/v1/removebg/results/{file}", self.base_url(headers))
     }
+}
+
+/// The request's media type, lowercase, without parameters ("" when absent).
+fn content_type(headers: &HeaderMap) -> String {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase()
+}
+
+fn is_json(media_type: &str) -> bool {
+    media_type == "application/json" || media_type.ends_with("+json")
 }
 
 /// Reads the whole body (at most `limit` bytes) before anything else can fail: a client still
@@ -113,8 +139,10 @@ pub fn router(state: AppState) -> Router {
         .route("/results/{file}", get(results::result));
     Router::new()
         .nest("/v1/removebg", api)
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
         .fallback(error::not_found)
-        .layer(axum::middleware::from_fn(error::request_id))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), error::request_id))
         .with_state(state)
 }

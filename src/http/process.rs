@@ -2,7 +2,7 @@
 
 use axum::body::Body;
 use axum::extract::{FromRequest, FromRequestParts, Multipart, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
 use base64::engine::general_purpose;
@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::{AppState, MAX_BASE64_RESULT, PROCESS_BODY_LIMIT, read_body};
+use super::{AppState, MAX_BASE64_RESULT, PROCESS_BODY_LIMIT, content_type, is_json, read_body};
 use crate::clock::rfc3339;
 use crate::jobs::request::{MAX_IMAGE_BYTES, ProcessRequest, parse_json};
 
@@ -82,18 +82,6 @@ async fn parse_multipart(req: Request, state: &AppState) -> Result<(ProcessReque
     Ok((body, file))
 }
 
-fn content_type(headers: &HeaderMap) -> String {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .split(';')
-        .next()
-        .unwrap_or("")
-        .trim()
-        .to_ascii_lowercase()
-}
-
 pub async fn process(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let _slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
     let (mut parts, bytes) = read_body(req, PROCESS_BODY_LIMIT).await?;
@@ -103,7 +91,7 @@ pub async fn process(State(state): State<AppState>, req: Request) -> Result<Resp
     let ct = content_type(&headers);
     let (body, upload) = if ct == "multipart/form-data" {
         parse_multipart(Request::from_parts(parts, Body::from(bytes)), &state).await?
-    } else if ct == "application/json" || ct.ends_with("+json") {
+    } else if is_json(&ct) {
         (parse_json(&bytes)?, None)
     } else {
         return Err(ApiError::bad_request(

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::metrics::{Histogram, LATENCY_BUCKETS};
 use crate::store::Reply;
 
 /// Who a job is and where its answer goes.
@@ -51,6 +52,10 @@ pub struct Stats {
     pub processed: AtomicU64,
     pub failed: AtomicU64,
     latencies: Mutex<VecDeque<Duration>>,
+    /// Successful jobs, from start (after any queueing) to the result on disk.
+    pub end_to_end: Histogram,
+    /// The model alone, per image.
+    pub inference: Histogram,
 }
 
 /// How many recent job latencies the median is taken over.
@@ -63,6 +68,8 @@ impl Default for Stats {
             processed: AtomicU64::new(0),
             failed: AtomicU64::new(0),
             latencies: Mutex::new(VecDeque::with_capacity(LATENCY_WINDOW)),
+            end_to_end: Histogram::new(LATENCY_BUCKETS),
+            inference: Histogram::new(LATENCY_BUCKETS),
         }
     }
 }
@@ -71,6 +78,7 @@ impl Stats {
     pub fn record(&self, ok: bool, took: Duration) {
         if ok {
             self.processed.fetch_add(1, Ordering::Relaxed);
+            self.end_to_end.observe(took);
             let mut l = self.latencies.lock().unwrap_or_else(|e| e.into_inner());
             if l.len() == LATENCY_WINDOW {
                 l.pop_front();

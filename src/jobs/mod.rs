@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{Notify, Semaphore, broadcast};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::clock;
@@ -35,6 +37,9 @@ pub enum JobError {
     Engine(#[from] EngineError),
     #[error("{0}")]
     NotFound(String),
+    /// No room for the result: the results cap or the disk's reserve would be crossed.
+    #[error("{0}")]
+    Storage(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -61,6 +66,7 @@ impl JobError {
             JobError::Engine(EngineError::Image(e)) => e.code(),
             JobError::Engine(_) | JobError::Internal(_) => "internal_error",
             JobError::NotFound(_) => "not_found",
+            JobError::Storage(_) => "insufficient_storage",
         }
     }
 }
@@ -146,6 +152,13 @@ pub struct Settings {
     /// Inline images of queued jobs wait here until they have run.
     pub inbox_dir: PathBuf,
     pub result_ttl: Duration,
+    /// Most bytes the result files may take together; the soonest-expiring give way first.
+    pub results_max_bytes: u64,
+    /// Results younger than this are never evicted to make room (their clients may not have
+    /// fetched them yet).
+    pub results_min_keep: Duration,
+    /// Free space the data disk keeps; below it new work is refused and /readyz fails.
+    pub min_free_disk: u64,
 }
 
 struct Inner {
@@ -157,7 +170,14 @@ struct Inner {
     queue_wakeup: Notify,
     events: broadcast::Sender<JobEvent>,
     stats: Stats,
+    /// Bytes of result files written but not yet recorded in the database; held while room is
+    /// made, so concurrent jobs cannot together overshoot the cap.
+    space: std::sync::Mutex<u64>,
 }
+
+/// No task started or finished for this long while one is running: the engine is stuck. Far
+/// longer than any inference (isnet on 50 MP on a slow board takes well under a minute).
+const STALL_LIMIT: Duration = Duration::from_secs(300);
 
 /// Events a slow listener may fall behind by before it misses some (it is told how many).
 const EVENT_BUFFER: usize = 1024;
@@ -181,6 +201,7 @@ impl Jobs {
             queue_wakeup: Notify::new(),
             events: broadcast::channel(EVENT_BUFFER).0,
             stats: Stats::default(),
+            space: std::sync::Mutex::new(0),
         }))
     }
 
@@ -233,6 +254,7 @@ impl Jobs {
         opts: Options,
         base_url: Option<String>,
     ) -> Result<Done, JobError> {
+        self.check_disk().await?;
         let id = new_id("rbg");
         let job = NewJob {
             id: id.clone(),
@@ -349,7 +371,7 @@ impl Jobs {
         let started = std::time::Instant::now();
         self.emit(JobEvent::Processing(Arc::clone(&meta)));
         let outcome = match self.produce(&meta.id, source, opts).await {
-            Ok(done) => {
+            Ok((done, _claim)) => {
                 let finished = Finished {
                     width: done.width,
                     height: done.height,
@@ -419,25 +441,28 @@ impl Jobs {
         }
     }
 
-    /// Fetches if needed, cuts on the worker pool and writes the result file.
-    async fn produce(&self, id: &str, source: Source, opts: Options) -> Result<Done, JobError> {
+    /// Fetches if needed, cuts on the worker pool and writes the result file. The claim on
+    /// disk space must be held until the result is recorded.
+    async fn produce(&self, id: &str, source: Source, opts: Options) -> Result<(Done, SpaceClaim), JobError> {
         let input = match source {
             Source::Bytes(b) => b,
             Source::Url(url) => self.0.fetcher.get(&url).await?,
         };
-        let engine = Arc::clone(&self.0.engine);
+        let this = self.clone();
         let file = format!("{id}.{}", opts.format.extension());
         let path = self.results_dir().join(&file);
         let ttl = self.0.settings.result_ttl;
         self.0
             .pool
-            .submit(move || -> Result<Done, JobError> {
-                let cut = engine.cut(&input, &opts.cut())?;
+            .submit(move || -> Result<(Done, SpaceClaim), JobError> {
+                let cut = this.0.engine.cut(&input, &opts.cut())?;
                 drop(input);
+                this.0.stats.inference.observe(cut.timings.inference);
+                let claim = this.claim_space(cut.bytes.len() as u64)?;
                 write_atomically(&path, &cut.bytes)
                     .map_err(|e| JobError::Internal(format!("writing {}: {e}", path.display())))?;
                 tracing::debug!(total_ms = cut.timings.total().as_millis() as u64, "cutout written");
-                Ok(Done {
+                let done = Done {
                     id: path.file_stem().unwrap_or_default().to_string_lossy().into_owned(),
                     file,
                     width: cut.width,
@@ -445,21 +470,25 @@ impl Jobs {
                     expires_at: clock::now() + ttl.as_secs() as i64,
                     content_type: opts.format.content_type(),
                     bytes: Arc::new(cut.bytes),
-                })
+                };
+                Ok((done, claim))
             })
             .await
             .map_err(|e| JobError::Internal(e.to_string()))?
     }
 
-    /// Keeps up to `workers + 1` queued batch items in flight (one extra so a download overlaps
-    /// inference), forever.
-    pub async fn run_queue(self) {
+    /// Keeps up to `workers + 1` queued items in flight (one extra so a download overlaps
+    /// inference) until `stop`; the items it started run on in `running`.
+    pub async fn run_queue(self, stop: CancellationToken, running: TaskTracker) {
         let slots = Arc::new(Semaphore::new(self.0.pool.workers() + 1));
         loop {
-            let permit = Arc::clone(&slots)
-                .acquire_owned()
-                .await
-                .expect("semaphore never closed");
+            let permit = tokio::select! {
+                p = Arc::clone(&slots).acquire_owned() => p.expect("semaphore never closed"),
+                _ = stop.cancelled() => return,
+            };
+            if stop.is_cancelled() {
+                return;
+            }
             let claimed = match self.db(|s| s.claim_next()).await {
                 Ok(c) => c,
                 Err(e) => {
@@ -471,7 +500,7 @@ impl Jobs {
                 Some(job) => {
                     let this = self.clone();
                     let span = tracing::info_span!("job", job_id = %job.id, batch_id = job.batch_id.as_deref());
-                    tokio::spawn(
+                    running.spawn(
                         async move {
                             this.run_claimed(job).await;
                             drop(permit);
@@ -482,7 +511,10 @@ impl Jobs {
                 None => {
                     drop(permit);
                     // New batches notify; the timeout covers work queued by another process.
-                    let _ = tokio::time::timeout(Duration::from_secs(5), self.0.queue_wakeup.notified()).await;
+                    tokio::select! {
+                        _ = tokio::time::timeout(Duration::from_secs(5), self.0.queue_wakeup.notified()) => {}
+                        _ = stop.cancelled() => return,
+                    }
                 }
             }
         }
@@ -569,6 +601,135 @@ impl Jobs {
         Ok(n)
     }
 
+    /// Refuses new work while the data disk is below its free-space reserve.
+    async fn check_disk(&self) -> Result<(), JobError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || this.disk_reserve_kept(0))
+            .await
+            .map_err(|e| JobError::Internal(e.to_string()))?
+    }
+
+    fn disk_reserve_kept(&self, extra: u64) -> Result<(), JobError> {
+        let reserve = self.0.settings.min_free_disk;
+        match disk_space(self.results_dir()) {
+            Ok(d) if d.free < reserve.saturating_add(extra) => Err(JobError::Storage(format!(
+                "the data disk is nearly full ({} free, {} kept in reserve); try again later",
+                megabytes(d.free),
+                megabytes(reserve)
+            ))),
+            Ok(_) => Ok(()),
+            Err(e) => Err(JobError::Internal(format!("checking free disk space: {e}"))),
+        }
+    }
+
+    /// Makes room for a result of `bytes` under the results cap, evicting the soonest-expiring
+    /// results old enough to give way; refuses when that cannot make enough room. Runs on a
+    /// blocking thread.
+    fn claim_space(&self, bytes: u64) -> Result<SpaceClaim, JobError> {
+        let s = &self.0.settings;
+        let mut pending = self.0.space.lock().unwrap_or_else(|e| e.into_inner());
+        self.disk_reserve_kept(bytes)?;
+        let cap = s.results_max_bytes;
+        if bytes > cap {
+            return Err(JobError::Storage(format!(
+                "the result ({}) is larger than the results cap ({})",
+                megabytes(bytes),
+                megabytes(cap)
+            )));
+        }
+        let (_, used) = self.0.store.result_totals()?;
+        let over = (used as u64 + *pending + bytes).saturating_sub(cap);
+        if over > 0 {
+            let keep_since = clock::now() - s.results_min_keep.as_secs() as i64;
+            let mut freed = 0;
+            let victims: Vec<String> = self
+                .0
+                .store
+                .evictable_results(keep_since)?
+                .into_iter()
+                .take_while(|(_, b)| {
+                    let take = freed < over;
+                    freed += if take { *b } else { 0 };
+                    take
+                })
+                .map(|(f, _)| f)
+                .collect();
+            if freed < over {
+                return Err(JobError::Storage(format!(
+                    "the results storage is full ({} cap) with results younger than {}s; try again later",
+                    megabytes(cap),
+                    s.results_min_keep.as_secs()
+                )));
+            }
+            for file in &victims {
+                match std::fs::remove_file(self.results_dir().join(file)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(JobError::Internal(format!("evicting {file}: {e}"))),
+                }
+                self.0.store.delete_result(file)?;
+            }
+            tracing::info!(
+                evicted = victims.len(),
+                freed_bytes = freed,
+                "evicted results to stay under the cap"
+            );
+        }
+        *pending += bytes;
+        Ok(SpaceClaim {
+            jobs: self.clone(),
+            bytes,
+        })
+    }
+
+    /// Why this node should not get traffic now (empty when ready).
+    pub async fn unready_reasons(&self) -> Vec<String> {
+        let this = self.clone();
+        let checks = tokio::task::spawn_blocking(move || {
+            let mut reasons = Vec::new();
+            match this.0.store.writable() {
+                Ok(true) => {}
+                Ok(false) => reasons.push("the database is read-only".to_owned()),
+                Err(e) => reasons.push(format!("the database cannot be opened: {e}")),
+            }
+            match disk_space(this.results_dir()) {
+                Ok(d) if d.read_only => reasons.push("the data directory's filesystem is read-only".to_owned()),
+                Ok(d) if d.free < this.0.settings.min_free_disk => reasons.push(format!(
+                    "free disk space {} is below the {} reserve",
+                    megabytes(d.free),
+                    megabytes(this.0.settings.min_free_disk)
+                )),
+                Ok(_) => {}
+                Err(e) => reasons.push(format!("cannot check free disk space: {e}")),
+            }
+            if this.0.pool.stalled(STALL_LIMIT) {
+                reasons.push("the inference workers have made no progress for minutes".to_owned());
+            }
+            reasons
+        });
+        match tokio::time::timeout(Duration::from_secs(5), checks).await {
+            Ok(Ok(reasons)) => reasons,
+            Ok(Err(e)) => vec![format!("readiness check failed: {e}")],
+            Err(_) => vec!["the database or disk did not answer within 5 s".to_owned()],
+        }
+    }
+
+    /// Proves the database answers writes and the workers make progress (the systemd watchdog).
+    pub async fn alive(&self) -> Result<(), String> {
+        if self.0.pool.stalled(STALL_LIMIT) {
+            return Err("the inference workers have made no progress for minutes".into());
+        }
+        match tokio::time::timeout(Duration::from_secs(10), self.db(|s| s.ping())).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("database: {e}")),
+            Err(_) => Err("the database did not answer within 10 s".into()),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.0.store
+    }
+
     pub async fn sweep_forever(self, every: Duration) {
         loop {
             tokio::time::sleep(every).await;
@@ -577,6 +738,43 @@ impl Jobs {
             }
         }
     }
+}
+
+/// Bytes of result files written but not yet recorded; released when dropped.
+struct SpaceClaim {
+    jobs: Jobs,
+    bytes: u64,
+}
+
+impl Drop for SpaceClaim {
+    fn drop(&mut self) {
+        let mut pending = self.jobs.0.space.lock().unwrap_or_else(|e| e.into_inner());
+        *pending = pending.saturating_sub(self.bytes);
+    }
+}
+
+/// Free space on a filesystem, and whether it is mounted read-only.
+pub struct DiskSpace {
+    pub free: u64,
+    pub read_only: bool,
+}
+
+pub fn disk_space(path: &Path) -> std::io::Result<DiskSpace> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(DiskSpace {
+        free: st.f_bavail as u64 * st.f_frsize as u64,
+        read_only: st.f_flag & libc::ST_RDONLY != 0,
+    })
+}
+
+fn megabytes(bytes: u64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
 }
 
 /// Deletes the files in `dir` that `known` does not claim; returns how many.

@@ -49,11 +49,11 @@ pub struct KeyRecord {
     pub last_used_at: Option<i64>,
 }
 
+/// Keys with their account's name, as `key_info` reads them.
+const KEY_ROWS: &str = "SELECT k.*, a.name FROM api_keys k JOIN accounts a ON a.id = k.account_id";
+
 fn hash(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::digest::hex(&Sha256::digest(key.as_bytes()))
 }
 
 fn split_scopes(s: &str) -> Vec<String> {
@@ -121,8 +121,7 @@ impl Store {
 
     pub fn keys(&self) -> Result<Vec<KeyInfo>> {
         let conn = self.conn();
-        let mut stmt =
-            conn.prepare("SELECT k.*, a.name FROM api_keys k JOIN accounts a ON a.id = k.account_id ORDER BY k.id")?;
+        let mut stmt = conn.prepare(&format!("{KEY_ROWS} ORDER BY k.id"))?;
         let rows = stmt.query_map([], KeyInfo::from_row)?;
         Ok(rows.collect::<rusqlite::Result<_>>()?)
     }
@@ -148,11 +147,7 @@ impl Store {
                 "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?2) WHERE id = ?1",
                 params![id, now],
             )?;
-            Ok(tx.query_row(
-                "SELECT k.*, a.name FROM api_keys k JOIN accounts a ON a.id = k.account_id WHERE k.id = ?1",
-                [id],
-                KeyInfo::from_row,
-            )?)
+            Ok(tx.query_row(&format!("{KEY_ROWS} WHERE k.id = ?1"), [id], KeyInfo::from_row)?)
         })
     }
 

@@ -43,6 +43,7 @@ const MIGRATIONS: &[&str] = &[include_str!("schema_v1.sql"), include_str!("schem
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    path: Arc<Path>,
 }
 
 impl Store {
@@ -59,6 +60,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
         Ok(Store {
+            path: Arc::from(path),
             conn: Arc::new(Mutex::new(conn)),
         })
     }
@@ -78,6 +80,29 @@ impl Store {
     }
 
     /// Checks that the database answers and accepts writes.
+    /// Whether the database file (and its WAL) may still be written, as the kernel decides for
+    /// a new open: read-only mounts, the immutable attribute and permissions all count. The open
+    /// connection keeps the access it started with, so it cannot tell; opening the file again
+    /// is no good either (SQLite reuses its open descriptors, and closing one drops the
+    /// process's locks), hence access(2).
+    pub fn writable(&self) -> Result<bool> {
+        use std::os::unix::ffi::OsStrExt;
+        let mut wal = self.path.as_os_str().to_owned();
+        wal.push("-wal");
+        for path in [self.path.as_os_str(), wal.as_os_str()] {
+            let c = std::ffi::CString::new(path.as_bytes()).map_err(|e| StoreError::Invalid(e.to_string()))?;
+            // SAFETY: `c` is a valid NUL-terminated path.
+            if unsafe { libc::access(c.as_ptr(), libc::W_OK) } != 0 {
+                let err = std::io::Error::last_os_error();
+                if err.kind() == std::io::ErrorKind::NotFound && path == wal.as_os_str() {
+                    continue;
+                }
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     pub fn ping(&self) -> Result<()> {
         self.write(|tx| {
             tx.execute("UPDATE meta SET value = value WHERE key = 'schema'", [])?;
@@ -107,7 +132,7 @@ fn migrate(conn: &mut Connection) -> Result<()> {
 pub fn token(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     getrandom::fill(&mut buf).expect("the OS random source failed");
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    crate::digest::hex(&buf)
 }
 
 #[cfg(test)]

@@ -57,6 +57,18 @@ impl Store {
             })?)
     }
 
+    /// Results finished at or before `finished_by`, as (file, bytes), in the order they should
+    /// make room: soonest to expire first, then oldest.
+    pub fn evictable_results(&self, finished_by: i64) -> Result<Vec<(String, u64)>> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT r.file, r.bytes FROM results r JOIN jobs j ON j.id = r.job_id
+             WHERE j.finished_at <= ?1 ORDER BY r.expires_at, j.finished_at",
+        )?;
+        let rows = stmt.query_map([finished_by], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<rusqlite::Result<_>>()?)
+    }
+
     /// (count, bytes) of stored results.
     pub fn result_totals(&self) -> Result<(i64, i64)> {
         Ok(self

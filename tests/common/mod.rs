@@ -86,3 +86,19 @@ pub fn alpha_of(encoded: &[u8]) -> (u32, u32, Vec<u8>) {
     let (w, h) = img.dimensions();
     (w, h, img.pixels().map(|p| p[3]).collect())
 }
+
+/// A JPEG of random pixels: its cutout compresses badly, so the PNG is large.
+pub fn noise_jpeg(w: u32, h: u32) -> Vec<u8> {
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let img = image::RgbImage::from_fn(w, h, |_, _| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        image::Rgb([state as u8, (state >> 8) as u8, (state >> 16) as u8])
+    });
+    let mut out = Vec::new();
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 90)
+        .encode_image(&img)
+        .unwrap();
+    out
+}

@@ -77,6 +77,10 @@ impl Log {
         self.0.lock().unwrap().iter().any(|l| l.contains(needle))
     }
 
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+
     pub fn len(&self) -> usize {
         self.0.lock().unwrap().len()
     }
@@ -103,21 +107,8 @@ impl Daemon {
     }
 
     pub fn cmd(&self) -> std::process::Command {
-        let mut c = bin();
-        c.arg("serve")
-            .arg("--listen")
-            .arg("127.0.0.1:0")
-            .arg("--data-dir")
-            .arg(self.data())
-            .arg("--model")
-            .arg("u2netp")
-            .arg("--models-dir")
-            .arg(self.dir.path().join("models"))
-            .arg("--model-mirror")
-            .arg(mirror())
-            .arg("--threads")
-            .arg("1")
-            .args(&self.args);
+        let mut c = serve_cmd(self.dir.path());
+        c.args(&self.args);
         c
     }
 
@@ -262,6 +253,28 @@ pub async fn image_server() -> SocketAddr {
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     addr
+}
+
+/// `removebgd serve` on a free loopback port with u2netp on one thread, its data and models
+/// under `dir` (`dir/data`, `dir/models`), the model copied from the shared mirror.
+pub fn serve_cmd(dir: &Path) -> std::process::Command {
+    let mut c = bin();
+    c.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--model",
+        "u2netp",
+        "--threads",
+        "1",
+    ])
+    .arg("--data-dir")
+    .arg(dir.join("data"))
+    .arg("--models-dir")
+    .arg(dir.join("models"))
+    .arg("--model-mirror")
+    .arg(mirror());
+    c
 }
 
 pub fn path_exists(p: &Path) -> bool {
