@@ -68,7 +68,7 @@ pub struct EngineArgs {
     /// Threads tract's matrix products fan out over (default: all cores).
     #[arg(long, env = "REMOVEBGD_THREADS")]
     pub threads: Option<usize>,
-    /// Numeric precision: `auto` uses f16 only where the CPU computes it natively (ARMv8.2+ FP16).
+    /// Numeric precision: `auto` is f32 (f16 is opt-in: unverified on real ARM FP16 hardware).
     #[arg(long, env = "REMOVEBGD_PRECISION", value_enum, default_value_t = Precision::Auto)]
     pub precision: Precision,
     /// Largest accepted input in pixels (width x height), checked before decoding.

@@ -18,7 +18,9 @@ type PlanState = TypedSimpleState;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// f16 where the CPU has native FP16 arithmetic (aarch64 with `fp16`), f32 elsewhere.
+    /// f32 everywhere for now. f16 on ARMv8.2+ FP16 cores is faster in principle but was only
+    /// seen under emulation, where u2netp's mask landed just outside the fidelity bound
+    /// (1.007/255 mean difference against 1.0), so it stays an explicit choice.
     Auto,
     F32,
     F16,
@@ -29,20 +31,8 @@ impl Precision {
         match self {
             Precision::F32 => f32::datum_type(),
             Precision::F16 => f16::datum_type(),
-            Precision::Auto if native_fp16() => f16::datum_type(),
             Precision::Auto => f32::datum_type(),
         }
-    }
-}
-
-fn native_fp16() -> bool {
-    #[cfg(target_arch = "aarch64")]
-    {
-        std::arch::is_aarch64_feature_detected!("fp16")
-    }
-    #[cfg(not(target_arch = "aarch64"))]
-    {
-        false
     }
 }
 
@@ -108,6 +98,7 @@ impl Model {
                 .transform(&FloatPrecisionTranslator::new(from, to))
                 .map_err(|e| fail("precision", e))?;
         }
+        fold_const_casts(&mut typed).map_err(|e| fail("fold casts", e))?;
         // im2col + matmul beats tract's direct spatial convolution on these nets (SOURCES.md: 11.3 s -> 7.65 s).
         let scope = KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")]).map_err(|e| fail("knobs", e))?;
         let optimised = scope
@@ -137,6 +128,13 @@ impl Model {
         let tensor: Tensor = tract_ndarray::Array4::from_shape_vec((1, 3, s, s), input)
             .map_err(|e| EngineError::Inference(format!("input tensor: {e}")))?
             .into();
+        // With f16 precision the translator retyped the model's input to f16 as well.
+        let input_type = self.plan.model().input_fact(0).map_err(fail)?.datum_type;
+        let tensor = if tensor.datum_type() == input_type {
+            tensor
+        } else {
+            tensor.cast_to_dt(input_type).map_err(fail)?.into_owned()
+        };
         let recycled = self.states.lock().expect("state pool poisoned").pop();
         let mut state = match recycled {
             Some(st) => st,
@@ -158,6 +156,30 @@ impl Model {
     }
 }
 
+/// Replaces every float `Cast` of a float `Const` (the translator leaves each stored f16 weight
+/// as `Const(f16) -> Cast(f32)`) with one `Const` of the cast value. tract's own constant folding
+/// refuses a fold whose output exceeds max(input, `CONST_FOLD_MEM_BUDGET` = 4 MiB), so every f16
+/// weight over 2 MiB (18 in IS-Net medium) would otherwise be widened again on every inference.
+/// `cast_to_dt` is what `Cast::eval` runs, so results are bit-identical; the orphaned f16
+/// constants are pruned by `into_optimized()`.
+fn fold_const_casts(model: &mut TypedModel) -> TractResult<()> {
+    use tract_onnx::tract_core::ops::{cast::Cast, konst::Const};
+    let mut patch = TypedModelPatch::new("fold casts of constants");
+    for node in &model.nodes {
+        let Some(cast) = node.op_as::<Cast>() else { continue };
+        let source = model.node(node.inputs[0].node);
+        let Some(konst) = source.op_as::<Const>() else { continue };
+        let val = konst.val();
+        if konst.exotic_fact().is_some() || !val.datum_type().is_float() || !cast.to.is_float() {
+            continue;
+        }
+        let folded = val.cast_to_dt(cast.to)?.into_owned();
+        let wire = patch.add_const(format!("{}.folded", node.name), folded)?;
+        patch.shunt_outside(model, OutletId::new(node.id, 0), wire)?;
+    }
+    patch.apply(model)
+}
+
 fn typed_uses(model: &TypedModel, dt: DatumType) -> bool {
     model
         .nodes
@@ -172,4 +194,42 @@ fn detect_pipeline(model: &InferenceModel) -> Option<Pipeline> {
     [Pipeline::Isnet, Pipeline::U2netp]
         .into_iter()
         .find(|p| p.input_size() as i64 == side)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::tract_core::ops::{cast::Cast, konst::Const};
+
+    fn mirror() -> std::path::PathBuf {
+        std::env::var_os("REMOVEBGD_MODEL_MIRROR")
+            .map(Into::into)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models"))
+    }
+
+    #[test]
+    fn isnet_weights_are_widened_once_at_load_not_on_every_run() {
+        let m = Model::load(
+            &mirror().join("isnet-medium.onnx"),
+            Some(Pipeline::Isnet),
+            Precision::F32,
+        )
+        .unwrap();
+        let graph = m.plan.model();
+        let casts_of_consts = graph
+            .nodes
+            .iter()
+            .filter(|n| n.op_is::<Cast>() && graph.node(n.inputs[0].node).op_is::<Const>())
+            .count();
+        assert_eq!(casts_of_consts, 0);
+        let f16_consts = graph
+            .nodes
+            .iter()
+            .filter(|n| {
+                n.op_as::<Const>()
+                    .is_some_and(|c| c.val().datum_type() == f16::datum_type())
+            })
+            .count();
+        assert_eq!(f16_consts, 0, "no f16 weight is left to widen at run time");
+    }
 }
