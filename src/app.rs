@@ -97,7 +97,7 @@ pub const INBOX_DIR: &str = "inbox";
 
 /// Runs the daemon until SIGINT/SIGTERM, then drains within `drain_timeout`.
 pub fn serve(settings: ServeSettings) -> Result<()> {
-    let systemd = Notifier::from_env();
+    let systemd = Notifier::from_env().map(Arc::new);
     let status = |s: &str| {
         if let Some(n) = &systemd {
             n.status(s);
@@ -198,7 +198,10 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
         // Installed before READY=1: a stop right after start must drain, not kill.
         let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("installing the SIGTERM handler")?;
-        let watchdog = systemd::watchdog_interval().map(|every| tokio::spawn(watchdog(jobs.clone(), every)));
+        let watchdog = systemd
+            .clone()
+            .zip(systemd::watchdog_interval())
+            .map(|(notifier, every)| tokio::spawn(watchdog(notifier, jobs.clone(), every)));
         let ready = format!("serving on {bound} with model {model_label}");
         if let Some(n) = &systemd {
             n.ready(&ready);
@@ -278,8 +281,7 @@ async fn stop_signal(mut term: tokio::signal::unix::Signal) {
 
 /// Pings systemd's watchdog at half its interval while the database answers writes and the
 /// workers make progress; a hung daemon stops pinging and systemd restarts it.
-async fn watchdog(jobs: jobs::Jobs, every: std::time::Duration) {
-    let Some(notifier) = Notifier::from_env() else { return };
+async fn watchdog(notifier: Arc<Notifier>, jobs: jobs::Jobs, every: std::time::Duration) {
     let mut tick = tokio::time::interval(every / 2);
     loop {
         tick.tick().await;
@@ -313,7 +315,7 @@ fn bootstrap(store: &Store, settings: &ServeSettings) -> Result<()> {
     let scopes: Vec<String> = SCOPES.iter().map(|s| s.to_string()).collect();
     let key = store.create_key(DEFAULT_ACCOUNT, &scopes, None, now)?;
     let port = settings.listen.port();
-    if std::env::var_os("JOURNAL_STREAM").is_some() {
+    if crate::telemetry::under_journald() {
         // Under systemd stdout is the journal, which keeps everything: hand the key over in a
         // file only the service user (and root) can read.
         let path = settings.data_dir.join(INITIAL_KEY_FILE);

@@ -8,9 +8,8 @@ use crate::config::LogFormat;
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
-    let under_journald = std::env::var_os("JOURNAL_STREAM").is_some();
     let result = match format {
-        LogFormat::Auto if under_journald => match tracing_journald::layer() {
+        LogFormat::Auto if under_journald() => match tracing_journald::layer() {
             Ok(layer) => registry
                 .with(layer.with_syslog_identifier("removebgd".into()))
                 .try_init(),
@@ -23,6 +22,11 @@ pub fn init(format: LogFormat) {
     };
     // A second init (tests) keeps the first subscriber.
     let _ = result;
+}
+
+/// Whether systemd connected our output to the journal.
+pub fn under_journald() -> bool {
+    std::env::var_os("JOURNAL_STREAM").is_some()
 }
 
 fn text_layer<S>() -> impl tracing_subscriber::Layer<S>

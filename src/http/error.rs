@@ -11,7 +11,6 @@ use serde_json::json;
 use tracing::Instrument;
 
 use super::AppState;
-use super::health::route_label;
 use crate::engine::{EngineError, ImageError};
 use crate::fetch::FetchError;
 use crate::jobs::JobError;
@@ -127,7 +126,7 @@ fn render(err: &ApiError, id: &str) -> Response {
 /// axum's own plain-text rejections (405) into the JSON shape.
 pub async fn request_id(State(state): State<AppState>, req: Request, next: Next) -> Response {
     let id = format!("req_{}", crate::store::token(8));
-    let route = route_label(req.extensions().get::<MatchedPath>().map(MatchedPath::as_str));
+    let route = req.extensions().get::<MatchedPath>().cloned();
     let span = tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path());
     let started = std::time::Instant::now();
     let mut res = next.run(req).instrument(span.clone()).await;
@@ -150,7 +149,9 @@ pub async fn request_id(State(state): State<AppState>, req: Request, next: Next)
         res = rendered;
     }
     let took = started.elapsed();
-    state.requests.record(route, res.status().as_u16(), took);
+    state
+        .requests
+        .record(route.as_ref().map(MatchedPath::as_str), res.status().as_u16(), took);
     span.in_scope(|| {
         tracing::info!(
             status = res.status().as_u16(),

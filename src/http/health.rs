@@ -19,7 +19,7 @@ use crate::metrics::{self, Histogram, LATENCY_BUCKETS};
 
 /// Requests served, by route template and status, and how long they took.
 pub struct RequestMetrics {
-    counts: Mutex<BTreeMap<(&'static str, u16), u64>>,
+    counts: Mutex<BTreeMap<(String, u16), u64>>,
     duration: Histogram,
 }
 
@@ -33,33 +33,17 @@ impl Default for RequestMetrics {
 }
 
 impl RequestMetrics {
-    pub fn record(&self, route: &'static str, status: u16, took: Duration) {
+    /// `route` is the matched route template (a fixed set, so label values stay bounded
+    /// whatever paths clients send); unmatched requests count as `other`.
+    pub fn record(&self, route: Option<&str>, status: u16, took: Duration) {
         *self
             .counts
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .entry((route, status))
+            .entry((route.unwrap_or("other").to_owned(), status))
             .or_default() += 1;
         self.duration.observe(took);
     }
-}
-
-/// The route templates requests are counted under (a fixed set: label values stay bounded
-/// whatever paths clients send).
-pub fn route_label(matched: Option<&str>) -> &'static str {
-    const ROUTES: &[&str] = &[
-        "/v1/removebg/process",
-        "/v1/removebg/batch",
-        "/v1/removebg/batch/{id}",
-        "/v1/removebg/quota",
-        "/v1/removebg/results/{file}",
-        "/healthz",
-        "/readyz",
-        "/metrics",
-    ];
-    matched
-        .and_then(|m| ROUTES.iter().find(|r| **r == m).copied())
-        .unwrap_or("other")
 }
 
 pub async fn healthz() -> &'static str {
@@ -178,12 +162,11 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         "Credits left in the current period, by account (reserved ones count as spent).",
     );
     for a in &accounts {
-        let remaining = a.credits_total - a.credits_used - a.credits_reserved;
         let _ = writeln!(
             out,
             "removebgd_credits_remaining{{account=\"{}\"}} {}",
             metrics::label(&a.name),
-            remaining.max(0)
+            a.remaining()
         );
     }
     metrics::single(

@@ -178,6 +178,7 @@ struct Inner {
 /// No task started or finished for this long while one is running: the engine is stuck. Far
 /// longer than any inference (isnet on 50 MP on a slow board takes well under a minute).
 const STALL_LIMIT: Duration = Duration::from_secs(300);
+const STALLED: &str = "the inference workers have made no progress for minutes";
 
 /// Events a slow listener may fall behind by before it misses some (it is told how many).
 const EVENT_BUFFER: usize = 1024;
@@ -610,16 +611,22 @@ impl Jobs {
     }
 
     fn disk_reserve_kept(&self, extra: u64) -> Result<(), JobError> {
+        let d =
+            disk_space(self.results_dir()).map_err(|e| JobError::Internal(format!("checking free disk space: {e}")))?;
+        self.reserve_kept(&d, extra)
+    }
+
+    /// Whether `extra` more bytes leave the disk's free-space reserve intact.
+    fn reserve_kept(&self, d: &DiskSpace, extra: u64) -> Result<(), JobError> {
         let reserve = self.0.settings.min_free_disk;
-        match disk_space(self.results_dir()) {
-            Ok(d) if d.free < reserve.saturating_add(extra) => Err(JobError::Storage(format!(
+        if d.free < reserve.saturating_add(extra) {
+            return Err(JobError::Storage(format!(
                 "the data disk is nearly full ({} free, {} kept in reserve); try again later",
                 megabytes(d.free),
                 megabytes(reserve)
-            ))),
-            Ok(_) => Ok(()),
-            Err(e) => Err(JobError::Internal(format!("checking free disk space: {e}"))),
+            )));
         }
+        Ok(())
     }
 
     /// Makes room for a result of `bytes` under the results cap, evicting the soonest-expiring
@@ -694,16 +701,11 @@ impl Jobs {
             }
             match disk_space(this.results_dir()) {
                 Ok(d) if d.read_only => reasons.push("the data directory's filesystem is read-only".to_owned()),
-                Ok(d) if d.free < this.0.settings.min_free_disk => reasons.push(format!(
-                    "free disk space {} is below the {} reserve",
-                    megabytes(d.free),
-                    megabytes(this.0.settings.min_free_disk)
-                )),
-                Ok(_) => {}
+                Ok(d) => reasons.extend(this.reserve_kept(&d, 0).err().map(|e| e.to_string())),
                 Err(e) => reasons.push(format!("cannot check free disk space: {e}")),
             }
             if this.0.pool.stalled(STALL_LIMIT) {
-                reasons.push("the inference workers have made no progress for minutes".to_owned());
+                reasons.push(STALLED.to_owned());
             }
             reasons
         });
@@ -717,17 +719,13 @@ impl Jobs {
     /// Proves the database answers writes and the workers make progress (the systemd watchdog).
     pub async fn alive(&self) -> Result<(), String> {
         if self.0.pool.stalled(STALL_LIMIT) {
-            return Err("the inference workers have made no progress for minutes".into());
+            return Err(STALLED.into());
         }
         match tokio::time::timeout(Duration::from_secs(10), self.db(|s| s.ping())).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("database: {e}")),
             Err(_) => Err("the database did not answer within 10 s".into()),
         }
-    }
-
-    pub fn store(&self) -> &Store {
-        &self.0.store
     }
 
     pub async fn sweep_forever(self, every: Duration) {
