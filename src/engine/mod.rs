@@ -4,6 +4,7 @@
 mod color;
 pub mod image_io;
 mod model;
+mod ops;
 pub mod pool;
 mod prepost;
 pub mod resize;

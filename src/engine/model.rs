@@ -59,6 +59,17 @@ pub struct Model {
 impl Model {
     /// Loads `path`. With `pipeline` unset, it is told from the model's declared input size.
     pub fn load(path: &Path, pipeline: Option<Pipeline>, precision: Precision) -> Result<Model, EngineError> {
+        Self::build(path, pipeline, precision, true)
+    }
+
+    /// `load`, with tract's own single-threaded Resize and Pad kept when `parallel_ops` is off
+    /// (for the tests that compare the two).
+    fn build(
+        path: &Path,
+        pipeline: Option<Pipeline>,
+        precision: Precision,
+        parallel_ops: bool,
+    ) -> Result<Model, EngineError> {
         let fail = |stage: &str, e: TractError| EngineError::Model(format!("{}: {stage}: {e:#}", path.display()));
         let mut model = tract_onnx::onnx().model_for_path(path).map_err(|e| fail("parse", e))?;
         let pipeline = match pipeline {
@@ -101,9 +112,22 @@ impl Model {
         fold_const_casts(&mut typed).map_err(|e| fail("fold casts", e))?;
         // im2col + matmul beats tract's direct spatial convolution on these nets (SOURCES.md: 11.3 s -> 7.65 s).
         let scope = KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")]).map_err(|e| fail("knobs", e))?;
-        let optimised = scope
-            .enter(|| typed.into_optimized())
+        let (mut optimised, geometries) = scope
+            .enter(|| {
+                let decluttered = typed.into_decluttered()?;
+                let geometries = super::ops::conv_geometries(&decluttered);
+                Ok((decluttered.into_optimized()?, geometries))
+            })
             .map_err(|e| fail("optimise", e))?;
+        if parallel_ops {
+            let im2col = super::ops::faster_im2col(&mut optimised, &geometries).map_err(|e| fail("row im2col", e))?;
+            let swapped = super::ops::parallelise(&mut optimised).map_err(|e| fail("parallel ops", e))?;
+            tracing::debug!(
+                im2col,
+                swapped,
+                "faster im2col; resize and pad nodes run on all threads"
+            );
+        }
         let plan = optimised.into_runnable().map_err(|e| fail("plan", e))?;
         Ok(Model {
             plan,
@@ -231,5 +255,56 @@ mod tests {
             })
             .count();
         assert_eq!(f16_consts, 0, "no f16 weight is left to widen at run time");
+    }
+
+    /// Our im2col, Resize and Pad must give tract's own results bit for bit, on the real models.
+    fn faster_ops_match_tracts_own(file: &str, pipeline: Pipeline, resizes: usize, convs: usize) {
+        use super::super::ops::{PlanePad, PlaneResize};
+        use_threads(2);
+        let path = mirror().join(file);
+        let ours = Model::build(&path, Some(pipeline), Precision::F32, true).unwrap();
+        let theirs = Model::build(&path, Some(pipeline), Precision::F32, false).unwrap();
+        let count = |m: &Model, name: &str| m.plan.model().nodes.iter().filter(|n| n.op.name() == name).count();
+        assert_eq!(count(&ours, "PlaneResize"), resizes, "every Resize is swapped");
+        assert_eq!(count(&ours, "RowIm2col"), convs, "every im2col convolution is swapped");
+        assert_eq!(count(&ours, "LazyIm2col") + count(&ours, "Resize"), 0);
+        assert!(ours.plan.model().nodes.iter().filter(|n| n.op_is::<PlanePad>()).count() > 100);
+        assert_eq!(count(&theirs, "RowIm2col"), 0);
+        assert_eq!(count(&theirs, "LazyIm2col"), convs);
+        assert!(
+            !theirs
+                .plan
+                .model()
+                .nodes
+                .iter()
+                .any(|n| n.op_is::<PlaneResize>() || n.op_is::<PlanePad>())
+        );
+        // A smooth image with structure at every scale, so every tap weight matters.
+        let s = pipeline.input_size() as usize;
+        let input: Vec<f32> = (0..3 * s * s)
+            .map(|i| {
+                let (c, y, x) = (i / (s * s), (i / s) % s, i % s);
+                ((x as f32 * 0.031 + c as f32).sin() * (y as f32 * 0.017).cos() * 2.0) + (x ^ y) as f32 / 512.0
+            })
+            .collect();
+        let a = ours.infer(input.clone()).unwrap();
+        let b = theirs.infer(input).unwrap();
+        assert_eq!(a.len(), s * s);
+        let differing = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(differing, 0, "outputs differ in {differing} of {} values", a.len());
+        assert!(
+            a.iter().any(|v| *v > 0.5) && a.iter().any(|v| *v < 0.5),
+            "a real mask, not a constant"
+        );
+    }
+
+    #[test]
+    fn u2netp_with_faster_ops_matches_tract_bit_for_bit() {
+        faster_ops_match_tracts_own("u2netp.onnx", Pipeline::U2netp, 38, 118);
+    }
+
+    #[test]
+    fn isnet_with_faster_ops_matches_tract_bit_for_bit() {
+        faster_ops_match_tracts_own("isnet-medium.onnx", Pipeline::Isnet, 34, 114);
     }
 }
