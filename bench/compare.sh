@@ -5,7 +5,8 @@
 # usage: bench/compare.sh MODEL IMAGE [THREADS] [RUNS]
 #   MODEL   isnet | u2netp (installed in ./models, or fetched; REMOVEBGD_MODEL_MIRROR is honoured)
 #   IMAGE   any JPEG/PNG/WebP; `bench/compare.sh --make-12mp OUT.jpg` writes a 12 MP test JPEG
-# needs: cargo, python3 with onnxruntime numpy pillow (pip install onnxruntime numpy pillow)
+# needs: cargo, python3 with onnxruntime numpy pillow (pip install onnxruntime numpy pillow);
+#        with rembg installed (pip install 'rembg[cpu]') and THREADS = all cores, rembg too
 set -euo pipefail
 cd "$(dirname "$0")/.."
 shared="$(cd .. && pwd)/shared"
@@ -48,3 +49,18 @@ awk -v a="$ours_inf" -v b="$ort_inf" -v c="$ours_tot" -v d="$ort_tot" 'BEGIN {
     printf "ratio inference  removebgd/onnxruntime = %.2fx (%.0f ms vs %.0f ms)\n", a / b, a, b
     printf "ratio end-to-end removebgd/onnxruntime = %.2fx (%.0f ms vs %.0f ms)\n", c / d, c, d
 }'
+
+# rembg, the tool a user would otherwise pick, on the same model file. It runs onnxruntime on
+# every core, so it is only comparable when THREADS is the core count.
+if [ "$threads" = "$(nproc)" ] && python3 -c 'import rembg' 2>/dev/null; then
+    mkdir "$out/u2net_home"
+    ln -s "$PWD/models/$file" "$out/u2net_home/$([ "$model" = isnet ] && echo isnet-general-use.onnx || echo u2netp.onnx)"
+    peer=$(U2NET_HOME="$out/u2net_home" python3 bench/rembg_bench.py "$model" "$image" --runs "$runs")
+    echo "$peer"
+    peer_tot=$(echo "$peer" | grep -o 'end_to_end_median_ms=[0-9.]*' | cut -d= -f2)
+    awk -v c="$ours_tot" -v d="$peer_tot" 'BEGIN {
+        printf "ratio end-to-end removebgd/rembg       = %.2fx (%.0f ms vs %.0f ms)\n", c / d, c, d
+    }'
+else
+    echo "# rembg skipped (needs THREADS = $(nproc) and: pip install 'rembg[cpu]')"
+fi

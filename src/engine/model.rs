@@ -47,13 +47,19 @@ pub fn use_threads(threads: usize) {
     });
 }
 
-/// An optimised, runnable model. Cheap to share: the plan is behind an `Arc`, and run states
-/// (with their scratch buffers) are recycled between inferences instead of rebuilt.
+/// An optimised, runnable model, shared by every job: the plan is behind an `Arc`, and its run
+/// state is recycled between inferences instead of rebuilt.
 pub struct Model {
     plan: Plan,
     pipeline: Pipeline,
     precision: DatumType,
-    states: Mutex<Vec<PlanState>>,
+    /// The one run state (with its scratch buffers), recycled between inferences. Holding its
+    /// lock is what makes inferences take turns: each already uses every core, and a second
+    /// one at the same time would only double the activation memory (IS-Net: ~400 MB) and
+    /// slow both down.
+    state: Mutex<Option<PlanState>>,
+    /// Run states built so far (1 unless a run failed).
+    spawned: std::sync::atomic::AtomicUsize,
 }
 
 impl Model {
@@ -133,7 +139,8 @@ impl Model {
             plan,
             pipeline,
             precision,
-            states: Mutex::new(Vec::new()),
+            state: Mutex::new(None),
+            spawned: Default::default(),
         })
     }
 
@@ -159,13 +166,20 @@ impl Model {
         } else {
             tensor.cast_to_dt(input_type).map_err(fail)?.into_owned()
         };
-        let recycled = self.states.lock().expect("state pool poisoned").pop();
-        let mut state = match recycled {
-            Some(st) => st,
-            None => self.plan.spawn().map_err(fail)?,
+        let result = {
+            // A panic mid-run leaves nothing half-updated that a fresh state would not replace.
+            let mut slot = self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if slot.is_none() {
+                *slot = Some(self.plan.spawn().map_err(fail)?);
+                self.spawned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let state = slot.as_mut().expect("filled above");
+            let result = state.run(tvec!(tensor.into_tvalue()));
+            if result.is_err() {
+                *slot = None;
+            }
+            result
         };
-        let result = state.run(tvec!(tensor.into_tvalue()));
-        self.states.lock().expect("state pool poisoned").push(state);
         let out = result.map_err(fail)?.remove(0);
         let out = out.cast_to::<f32>().map_err(fail)?;
         let view = out.try_as_plain_ram().map_err(fail)?;
@@ -291,6 +305,30 @@ mod tests {
         assert!(
             a.iter().any(|v| *v > 0.5) && a.iter().any(|v| *v < 0.5),
             "a real mask, not a constant"
+        );
+    }
+
+    #[test]
+    fn concurrent_inferences_take_turns_on_one_run_state() {
+        use std::sync::atomic::Ordering;
+        let m = Model::load(&mirror().join("u2netp.onnx"), Some(Pipeline::U2netp), Precision::F32).unwrap();
+        let s = Pipeline::U2netp.input_size() as usize;
+        let input: Vec<f32> = (0..3 * s * s).map(|i| ((i % 977) as f32 / 488.0) - 1.0).collect();
+        let outputs: Vec<Vec<f32>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..3)
+                .map(|_| scope.spawn(|| (0..2).map(|_| m.infer(input.clone()).unwrap()).collect::<Vec<_>>()))
+                .collect();
+            handles.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(outputs.len(), 6);
+        assert!(
+            outputs.iter().all(|o| o == &outputs[0]),
+            "a recycled state gives the same mask"
+        );
+        assert_eq!(
+            m.spawned.load(Ordering::Relaxed),
+            1,
+            "one run state (one activation set) for 6 inferences on 3 threads"
         );
     }
 
