@@ -107,7 +107,8 @@ pub struct CutArgs {
     /// Write the gray mask instead of the cutout.
     #[arg(long)]
     pub mask_only: bool,
-    /// Images processed at once (each inference already uses every core).
+    /// Images processed at once. Inferences take turns (each already uses every core); more
+    /// jobs overlap decode and encode with inference.
     #[arg(long, short = 'j', env = "REMOVEBGD_WORKERS", default_value_t = 1)]
     pub jobs: usize,
     #[command(flatten)]
@@ -173,7 +174,8 @@ pub struct ServeArgs {
     /// [default: the request's Host header, else derived from --listen].
     #[arg(long, env = "REMOVEBGD_PUBLIC_URL")]
     pub public_url: Option<String>,
-    /// Images processed at once [default: 1; each inference already uses every core].
+    /// Images processed at once [default: 1]. Inferences take turns (each already uses every
+    /// core); more workers overlap decode and encode with inference.
     #[arg(long, env = "REMOVEBGD_WORKERS")]
     pub workers: Option<usize>,
     /// Addresses image URLs may point to even if refused by default, as CIDRs
