@@ -68,13 +68,13 @@ impl Model {
         Self::build(path, pipeline, precision, true)
     }
 
-    /// `load`, with tract's own single-threaded Resize and Pad kept when `parallel_ops` is off
-    /// (for the tests that compare the two).
+    /// `load`, with tract's own im2col, Pad and Resize kept when `own_ops` is off (for the tests
+    /// that compare the two).
     fn build(
         path: &Path,
         pipeline: Option<Pipeline>,
         precision: Precision,
-        parallel_ops: bool,
+        own_ops: bool,
     ) -> Result<Model, EngineError> {
         let fail = |stage: &str, e: TractError| EngineError::Model(format!("{}: {stage}: {e:#}", path.display()));
         let mut model = tract_onnx::onnx().model_for_path(path).map_err(|e| fail("parse", e))?;
@@ -118,23 +118,21 @@ impl Model {
         fold_const_casts(&mut typed).map_err(|e| fail("fold casts", e))?;
         // im2col + matmul beats tract's direct spatial convolution on these nets (SOURCES.md: 11.3 s -> 7.65 s).
         let scope = KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")]).map_err(|e| fail("knobs", e))?;
-        let (mut optimised, geometries) = scope
+        // `into_optimized()` in two steps: the convolutions' geometry is read between them.
+        let geometries = scope
             .enter(|| {
-                let decluttered = typed.into_decluttered()?;
-                let geometries = super::ops::conv_geometries(&decluttered);
-                Ok((decluttered.into_optimized()?, geometries))
+                typed.declutter()?;
+                let geometries = super::ops::conv_geometries(&typed);
+                typed.optimize()?;
+                Ok(geometries)
             })
             .map_err(|e| fail("optimise", e))?;
-        if parallel_ops {
-            let im2col = super::ops::faster_im2col(&mut optimised, &geometries).map_err(|e| fail("row im2col", e))?;
-            let swapped = super::ops::parallel_resize(&mut optimised).map_err(|e| fail("parallel resize", e))?;
-            tracing::debug!(
-                im2col,
-                swapped,
-                "faster im2col; resize and pad nodes run on all threads"
-            );
+        if own_ops {
+            let im2col = super::ops::faster_im2col(&mut typed, &geometries).map_err(|e| fail("row im2col", e))?;
+            let resize = super::ops::parallel_resize(&mut typed).map_err(|e| fail("parallel resize", e))?;
+            tracing::debug!(im2col, resize, "own im2col and resize operators swapped in");
         }
-        let plan = optimised.into_runnable().map_err(|e| fail("plan", e))?;
+        let plan = typed.into_runnable().map_err(|e| fail("plan", e))?;
         Ok(Model {
             plan,
             pipeline,

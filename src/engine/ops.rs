@@ -18,23 +18,37 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::{Pad, PadMode};
 use tract_onnx::tract_core::ops::nn::resize::{AxisPlan, Interpolator, Resize};
 
-/// Replaces every f32 NCHW Resize (linear, no extrapolation) in `model` with [`PlaneResize`].
-/// Returns how many nodes were replaced.
-pub fn parallel_resize(model: &mut TypedModel) -> TractResult<usize> {
-    let mut patch = TypedModelPatch::new("parallel resize");
+/// Replaces each node for which `build` gives an operator and the outlet it reads with that
+/// operator (keeping the node's name), in one patch. Returns how many nodes were replaced.
+fn swap_nodes(
+    model: &mut TypedModel,
+    name: &str,
+    mut build: impl FnMut(&TypedModel, &TypedNode) -> TractResult<Option<(Box<dyn TypedOp>, OutletId)>>,
+) -> TractResult<usize> {
+    let mut patch = TypedModelPatch::new(name);
     let mut replaced = 0;
     for node in &model.nodes {
-        let Some(resize) = node.op_as::<Resize>() else { continue };
-        let Some(op) = PlaneResize::for_node(model, node, resize)? else {
+        let Some((op, source)) = build(model, node)? else {
             continue;
         };
-        let input = patch.tap_model(model, node.inputs[0])?;
+        let input = patch.tap_model(model, source)?;
         let wire = patch.wire_node(&node.name, op, &[input])?[0];
         patch.shunt_outside(model, OutletId::new(node.id, 0), wire)?;
         replaced += 1;
     }
     patch.apply(model)?;
     Ok(replaced)
+}
+
+/// Replaces every f32 NCHW Resize (linear, no extrapolation) in `model` with [`PlaneResize`].
+/// Returns how many nodes were replaced.
+pub fn parallel_resize(model: &mut TypedModel) -> TractResult<usize> {
+    swap_nodes(model, "parallel resize", |model, node| {
+        let Some(resize) = node.op_as::<Resize>() else {
+            return Ok(None);
+        };
+        Ok(PlaneResize::for_node(model, node, resize)?.map(|op| (Box::new(op) as _, node.inputs[0])))
+    })
 }
 
 /// Concrete NCHW f32 shape of an outlet, or None.
@@ -60,19 +74,8 @@ fn for_each_plane(out: &mut [f32], plane_len: usize, f: impl Fn(usize, &mut [f32
     }
 }
 
-fn output_tensor(shape: [usize; 4], fill: impl Fn(&mut [f32]) -> TractResult<()>) -> TractResult<TVec<TValue>> {
-    // SAFETY: f32 has no invalid bit patterns, and `fill` writes every element before the
-    // tensor is read (each plane is filled completely).
-    let mut out = unsafe { Tensor::uninitialized::<f32>(&shape)? };
-    {
-        let mut view = out.try_as_plain_ram_mut()?;
-        fill(view.as_slice_mut::<f32>()?)?;
-    }
-    Ok(tvec!(out.into_tvalue()))
-}
-
 /// Linear resize of the two spatial axes of an NCHW f32 tensor, with tract's axis plans.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PlaneResize {
     input: [usize; 4],
     output: [usize; 4],
@@ -120,11 +123,6 @@ fn blend(w: [f32; 2], a: f32, b: f32) -> f32 {
     v
 }
 
-impl PartialEq for PlaneResize {
-    fn eq(&self, other: &Self) -> bool {
-        self.input == other.input && self.output == other.output && self.rows == other.rows && self.cols == other.cols
-    }
-}
 impl Eq for PlaneResize {}
 
 impl PlaneResize {
@@ -217,8 +215,14 @@ impl EvalOp for PlaneResize {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
         let view = input.try_as_plain_ram()?;
-        let src = view.as_slice::<f32>()?;
-        output_tensor(self.output, |dst| self.run(src, dst))
+        // SAFETY: f32 has no invalid bit patterns, and `run` writes every element (each plane
+        // completely) before the tensor is read.
+        let mut out = unsafe { Tensor::uninitialized::<f32>(&self.output)? };
+        self.run(
+            view.as_slice::<f32>()?,
+            out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
+        )?;
+        Ok(tvec!(out.into_tvalue()))
     }
 }
 
@@ -275,18 +279,16 @@ pub fn conv_geometries(model: &TypedModel) -> HashMap<String, ConvGeometry> {
 pub fn faster_im2col(model: &mut TypedModel, geometries: &HashMap<String, ConvGeometry>) -> TractResult<usize> {
     use tract_linalg::pack::PackedFormat;
     use tract_onnx::tract_core::ops::matmul::pack::DynPackedExoticFact;
-    let mut patch = TypedModelPatch::new("row im2col");
-    let mut replaced = 0;
-    for node in &model.nodes {
+    let replaced = swap_nodes(model, "row im2col", |model, node| {
         if node.op.name() != "LazyIm2col" {
-            continue;
+            return Ok(None);
         }
         let Some(geometry) = node
             .name
             .strip_suffix(".lazyIm2col")
             .and_then(|conv| geometries.get(conv))
         else {
-            continue;
+            return Ok(None);
         };
         let output = model.outlet_fact(OutletId::new(node.id, 0))?;
         let Some(packed) = output
@@ -294,16 +296,16 @@ pub fn faster_im2col(model: &mut TypedModel, geometries: &HashMap<String, ConvGe
             .as_ref()
             .and_then(|f| f.downcast_ref::<DynPackedExoticFact>())
         else {
-            continue;
+            return Ok(None);
         };
         let Some(packer) = packed.packers.first().and_then(|p| p.downcast_ref::<PackedFormat>()) else {
-            continue;
+            return Ok(None);
         };
         if packed.packers.len() != 1
             || output.shape.as_concrete() != Some(&[1, 1][..])
             || packer.dt != f32::datum_type()
         {
-            continue;
+            return Ok(None);
         }
         // Read through tract's zero Pad when it only feeds this convolution.
         let mut source = node.inputs[0];
@@ -320,28 +322,27 @@ pub fn faster_im2col(model: &mut TypedModel, geometries: &HashMap<String, ConvGe
             pads = [pad.pads[2], pad.pads[3]];
         }
         let Some(input) = nchw_f32(model.outlet_fact(source)?) else {
-            continue;
+            return Ok(None);
         };
         let Some(params) = RowIm2colParams::new(input, pads, *geometry, packer.clone()) else {
-            continue;
+            return Ok(None);
         };
         if packed.k != params.k().to_dim() || packed.mn != params.n().to_dim() {
-            continue;
+            return Ok(None);
         }
         let op = RowIm2col {
             params: Arc::new(params),
             fact: output.clone(),
         };
-        let input = patch.tap_model(model, source)?;
-        let wire = patch.wire_node(&node.name, op, &[input])?[0];
-        patch.shunt_outside(model, OutletId::new(node.id, 0), wire)?;
-        replaced += 1;
-    }
-    patch.apply(model)?;
+        Ok(Some((Box::new(op) as _, source)))
+    })?;
     // The Pads the im2cols read through are dead now.
     model.compact()?;
     Ok(replaced)
 }
+
+/// The widest panel (kernel column count) `RowIm2colParams::pack` handles.
+const MAX_PANEL: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct RowIm2colParams {
@@ -368,7 +369,13 @@ impl RowIm2colParams {
         let [n, c, h, w] = input;
         let padded = [h + pads[0].0 + pads[0].1, w + pads[1].0 + pads[1].1];
         let span = |axis: usize| g.dilation[axis] * (g.kernel[axis].max(1) - 1) + 1;
-        if n != 1 || g.kernel.contains(&0) || g.stride.contains(&0) || padded[0] < span(0) || padded[1] < span(1) {
+        if n != 1
+            || packer.r > MAX_PANEL
+            || g.kernel.contains(&0)
+            || g.stride.contains(&0)
+            || padded[0] < span(0)
+            || padded[1] < span(1)
+        {
             return None;
         }
         let out = [0, 1].map(|a| (padded[a] - span(a)) / g.stride[a] + 1);
@@ -411,6 +418,17 @@ impl RowIm2colParams {
         )
     }
 
+    /// The input value at (`y`, `x`) of the channel starting at `c`; zero in the padding.
+    #[inline(always)]
+    fn tap(&self, src: &[f32], c: isize, y: isize, x: isize) -> f32 {
+        let [_, _, h, w] = self.input.map(|d| d as isize);
+        if (0..h).contains(&y) && (0..w).contains(&x) {
+            src[(c + y * w + x) as usize]
+        } else {
+            0.0
+        }
+    }
+
     /// Writes panel `panel` (output pixels `panel*r ..`, k-outer: `dst[k*r + j]`) from `src`.
     fn pack(&self, src: &[f32], panel: usize, dst: &mut [f32]) {
         let r = self.packer.r;
@@ -430,32 +448,22 @@ impl RowIm2colParams {
                     prefetch(src, start + PREFETCH_AHEAD);
                     copy_run(&src[start..start + r], out);
                 } else {
-                    let row = &src[(c + y * w) as usize..][..w as usize];
                     for (j, o) in out.iter_mut().enumerate() {
-                        let x = x + j as isize;
-                        *o = if x >= 0 && x < w { row[x as usize] } else { 0.0 };
+                        *o = self.tap(src, *c, y, x + j as isize);
                     }
                 }
             }
             return;
         }
-        let mut anchors = [(0isize, 0isize); 64];
+        let mut anchors = [(0isize, 0isize); MAX_PANEL];
         for (j, a) in anchors[..count].iter_mut().enumerate() {
             *a = self.anchor(first + j);
         }
         for ((c, dy, dx), out) in self.taps.iter().zip(dst.chunks_exact_mut(r)) {
             for (j, o) in out.iter_mut().enumerate() {
-                *o = match anchors[..count].get(j) {
-                    Some(&(ay, ax)) => {
-                        let (y, x) = (ay + dy, ax + dx);
-                        if y >= 0 && y < h && x >= 0 && x < w {
-                            src[(c + y * w + x) as usize]
-                        } else {
-                            0.0
-                        }
-                    }
-                    None => 0.0,
-                };
+                *o = anchors[..count]
+                    .get(j)
+                    .map_or(0.0, |&(ay, ax)| self.tap(src, *c, ay + dy, ax + dx));
             }
         }
     }
@@ -539,7 +547,11 @@ impl tract_linalg::mmm::MMMInputFormat for RowIm2colParams {
 
 impl ExoticFact for RowIm2colParams {
     fn buffer_sizes(&self) -> TVec<TDim> {
-        tvec!((self.k() * self.n() * self.packer.dt.size_of()).to_dim())
+        tvec!(tract_linalg::mmm::MMMInputFormat::mem_size(
+            self,
+            self.k().to_dim(),
+            self.n().to_dim()
+        ))
     }
 }
 
@@ -592,11 +604,6 @@ impl EvalOp for RowIm2col {
             self.params.input,
             tensor.datum_type(),
             tensor.shape()
-        );
-        ensure!(
-            self.params.packer.r <= 64,
-            "panel width {} over 64",
-            self.params.packer.r
         );
         let value = RowIm2colInput {
             tensor,
