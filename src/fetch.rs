@@ -225,10 +225,10 @@ pub fn local_addresses() -> Vec<IpAddr> {
         // SAFETY: `node` is an entry of the list, which has not been freed yet.
         let entry = unsafe { &*node };
         // SAFETY: getifaddrs gives a null or a valid sockaddr of the family it names.
-        if let Some(ip) = unsafe { sockaddr_ip(entry.ifa_addr) } {
-            if !addresses.contains(&ip) {
-                addresses.push(ip);
-            }
+        if let Some(ip) = unsafe { sockaddr_ip(entry.ifa_addr) }
+            && !addresses.contains(&ip)
+        {
+            addresses.push(ip);
         }
         node = entry.ifa_next;
     }
@@ -334,7 +334,7 @@ fn seconds(d: Duration) -> String {
 
 fn size(bytes: usize) -> String {
     const MIB: usize = 1024 * 1024;
-    if bytes >= MIB && bytes % MIB == 0 {
+    if bytes >= MIB && bytes.is_multiple_of(MIB) {
         format!("{} MiB", bytes / MIB)
     } else {
         format!("{bytes} bytes")

@@ -70,14 +70,14 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
             name.starts_with("removebgd_") && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'),
             "bad name: {line}"
         );
-        if let Some(labels) = series.strip_prefix(name) {
-            if !labels.is_empty() {
-                assert!(labels.starts_with('{') && labels.ends_with('}'), "bad labels: {line}");
-                for pair in labels[1..labels.len() - 1].split("\",") {
-                    let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("bad label: {line}"));
-                    assert!(k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'), "{line}");
-                    assert!(v.starts_with('"'), "{line}");
-                }
+        if let Some(labels) = series.strip_prefix(name)
+            && !labels.is_empty()
+        {
+            assert!(labels.starts_with('{') && labels.ends_with('}'), "bad labels: {line}");
+            for pair in labels[1..labels.len() - 1].split("\",") {
+                let (k, v) = pair.split_once('=').unwrap_or_else(|| panic!("bad label: {line}"));
+                assert!(k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'), "{line}");
+                assert!(v.starts_with('"'), "{line}");
             }
         }
         let family = ["_bucket", "_sum", "_count"]

@@ -2,6 +2,7 @@
 //! composite, encode. Pure computation; the only I/O is reading model files.
 
 mod color;
+mod conv;
 pub mod image_io;
 mod model;
 mod ops;

@@ -47,6 +47,18 @@ pub fn use_threads(threads: usize) {
     });
 }
 
+/// Which operators replace tract's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ops {
+    /// tract's operators only.
+    Tract,
+    /// Our im2col and resize only (what runs on CPUs without AVX-512).
+    #[cfg(test)]
+    SameResults,
+    /// All of ours, including the direct convolution (AVX-512 CPUs), which sums in another order.
+    Ours,
+}
+
 /// An optimised, runnable model, shared by every job: the plan is behind an `Arc`, and its run
 /// state is recycled between inferences instead of rebuilt.
 pub struct Model {
@@ -65,17 +77,12 @@ pub struct Model {
 impl Model {
     /// Loads `path`. With `pipeline` unset, it is told from the model's declared input size.
     pub fn load(path: &Path, pipeline: Option<Pipeline>, precision: Precision) -> Result<Model, EngineError> {
-        Self::build(path, pipeline, precision, true)
+        Self::build(path, pipeline, precision, Ops::Ours)
     }
 
-    /// `load`, with tract's own im2col, Pad and Resize kept when `own_ops` is off (for the tests
-    /// that compare the two).
-    fn build(
-        path: &Path,
-        pipeline: Option<Pipeline>,
-        precision: Precision,
-        own_ops: bool,
-    ) -> Result<Model, EngineError> {
+    /// `load`, with a choice of which of our operators replace tract's (for the tests that
+    /// compare them).
+    fn build(path: &Path, pipeline: Option<Pipeline>, precision: Precision, ops: Ops) -> Result<Model, EngineError> {
         let fail = |stage: &str, e: TractError| EngineError::Model(format!("{}: {stage}: {e:#}", path.display()));
         let mut model = tract_onnx::onnx().model_for_path(path).map_err(|e| fail("parse", e))?;
         let pipeline = match pipeline {
@@ -118,19 +125,30 @@ impl Model {
         fold_const_casts(&mut typed).map_err(|e| fail("fold casts", e))?;
         // im2col + matmul beats tract's direct spatial convolution on these nets (SOURCES.md: 11.3 s -> 7.65 s).
         let scope = KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")]).map_err(|e| fail("knobs", e))?;
-        // `into_optimized()` in two steps: the convolutions' geometry is read between them.
-        let geometries = scope
+        // `into_optimized()` in two steps: the direct convolutions go in, and the remaining
+        // convolutions' geometry is read, between them.
+        let (geometries, direct) = scope
             .enter(|| {
                 typed.declutter()?;
+                let direct = match ops {
+                    Ops::Ours => super::conv::direct_convs(&mut typed)?,
+                    _ => (0, 0),
+                };
                 let geometries = super::ops::conv_geometries(&typed);
                 typed.optimize()?;
-                Ok(geometries)
+                Ok((geometries, direct))
             })
             .map_err(|e| fail("optimise", e))?;
-        if own_ops {
+        if ops != Ops::Tract {
             let im2col = super::ops::faster_im2col(&mut typed, &geometries).map_err(|e| fail("row im2col", e))?;
             let resize = super::ops::parallel_resize(&mut typed).map_err(|e| fail("parallel resize", e))?;
-            tracing::debug!(im2col, resize, "own im2col and resize operators swapped in");
+            tracing::debug!(
+                direct_convs = direct.0,
+                concats_read_in_place = direct.1,
+                im2col,
+                resize,
+                "own operators swapped in"
+            );
         }
         let plan = typed.into_runnable().map_err(|e| fail("plan", e))?;
         Ok(Model {
@@ -269,15 +287,80 @@ mod tests {
         assert_eq!(f16_consts, 0, "no f16 weight is left to widen at run time");
     }
 
-    /// Our im2col, Resize and Pad must give tract's own results bit for bit, on the real models.
+    /// A smooth image with structure at every scale, so every tap weight matters.
+    fn test_input(s: usize) -> Vec<f32> {
+        (0..3 * s * s)
+            .map(|i| {
+                let (c, y, x) = (i / (s * s), (i / s) % s, i % s);
+                ((x as f32 * 0.031 + c as f32).sin() * (y as f32 * 0.017).cos() * 2.0) + (x ^ y) as f32 / 512.0
+            })
+            .collect()
+    }
+
+    fn count(m: &Model, name: &str) -> usize {
+        m.plan.model().nodes.iter().filter(|n| n.op.name() == name).count()
+    }
+
+    /// Builds `file` with `ops` and with tract's operators only, checks both give the same soft
+    /// mask bit for bit, and returns them for the caller's structural checks.
+    fn same_mask_as_tract(file: &str, pipeline: Pipeline, ops: Ops) -> (Model, Model) {
+        use_threads(2);
+        let path = mirror().join(file);
+        let ours = Model::build(&path, Some(pipeline), Precision::F32, ops).unwrap();
+        let theirs = Model::build(&path, Some(pipeline), Precision::F32, Ops::Tract).unwrap();
+        let s = pipeline.input_size() as usize;
+        let input = test_input(s);
+        let a = ours.infer(input.clone()).unwrap();
+        let b = theirs.infer(input).unwrap();
+        assert_eq!(a.len(), s * s);
+        let differing = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(differing, 0, "outputs differ in {differing} of {} values", a.len());
+        let soft = a.iter().filter(|v| **v > 0.01 && **v < 0.99).count();
+        assert!(
+            soft > a.len() / 4,
+            "a real, soft mask: {soft} of {} values in (0.01, 0.99)",
+            a.len()
+        );
+        (ours, theirs)
+    }
+
+    /// The direct convolutions run the same multiply-adds in the same order as tract's matrix
+    /// kernels (over input channel, then kernel row, then column, bias last), so they too must
+    /// give tract's results bit for bit. `direct` is how many convolutions they take over on an
+    /// AVX-512 CPU, `concats` how many concatenations are then read in place.
+    fn direct_convs_match_tract(file: &str, pipeline: Pipeline, direct: usize, concats: usize) {
+        use tract_onnx::tract_core::ops::array::TypedConcat;
+        let (ours, theirs) = same_mask_as_tract(file, pipeline, Ops::Ours);
+        let concat_count = |m: &Model| m.plan.model().nodes.iter().filter(|n| n.op_is::<TypedConcat>()).count();
+        if super::super::conv::available() {
+            assert_eq!(count(&ours, "DirectConv"), direct);
+            assert_eq!(count(&ours, "RowIm2col") + direct, count(&theirs, "LazyIm2col"));
+            assert_eq!(
+                concat_count(&ours) + concats,
+                concat_count(&theirs),
+                "concats read in place are gone"
+            );
+        } else {
+            assert_eq!(count(&ours, "DirectConv"), 0);
+        }
+    }
+
+    #[test]
+    fn u2netp_direct_convs_match_tract_bit_for_bit() {
+        direct_convs_match_tract("u2netp.onnx", Pipeline::U2netp, 112, 50);
+    }
+
+    #[test]
+    fn isnet_direct_convs_match_tract_bit_for_bit() {
+        direct_convs_match_tract("isnet-medium.onnx", Pipeline::Isnet, 112, 50);
+    }
+
+    /// Our im2col, Resize and Pad (all that runs without AVX-512) must give tract's own results
+    /// bit for bit, on the real models.
     fn faster_ops_match_tracts_own(file: &str, pipeline: Pipeline, resizes: usize, convs: usize) {
         use super::super::ops::PlaneResize;
         use tract_onnx::tract_core::ops::array::Pad;
-        use_threads(2);
-        let path = mirror().join(file);
-        let ours = Model::build(&path, Some(pipeline), Precision::F32, true).unwrap();
-        let theirs = Model::build(&path, Some(pipeline), Precision::F32, false).unwrap();
-        let count = |m: &Model, name: &str| m.plan.model().nodes.iter().filter(|n| n.op.name() == name).count();
+        let (ours, theirs) = same_mask_as_tract(file, pipeline, Ops::SameResults);
         assert_eq!(count(&ours, "PlaneResize"), resizes, "every Resize is swapped");
         assert_eq!(count(&ours, "RowIm2col"), convs, "every im2col convolution is swapped");
         assert_eq!(count(&ours, "LazyIm2col") + count(&ours, "Resize"), 0);
@@ -287,23 +370,6 @@ mod tests {
         assert_eq!(count(&theirs, "RowIm2col"), 0);
         assert_eq!(count(&theirs, "LazyIm2col"), convs);
         assert!(!theirs.plan.model().nodes.iter().any(|n| n.op_is::<PlaneResize>()));
-        // A smooth image with structure at every scale, so every tap weight matters.
-        let s = pipeline.input_size() as usize;
-        let input: Vec<f32> = (0..3 * s * s)
-            .map(|i| {
-                let (c, y, x) = (i / (s * s), (i / s) % s, i % s);
-                ((x as f32 * 0.031 + c as f32).sin() * (y as f32 * 0.017).cos() * 2.0) + (x ^ y) as f32 / 512.0
-            })
-            .collect();
-        let a = ours.infer(input.clone()).unwrap();
-        let b = theirs.infer(input).unwrap();
-        assert_eq!(a.len(), s * s);
-        let differing = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-        assert_eq!(differing, 0, "outputs differ in {differing} of {} values", a.len());
-        assert!(
-            a.iter().any(|v| *v > 0.5) && a.iter().any(|v| *v < 0.5),
-            "a real mask, not a constant"
-        );
     }
 
     #[test]

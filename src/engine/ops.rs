@@ -60,6 +60,15 @@ fn nchw_f32(fact: &TypedFact) -> Option<[usize; 4]> {
     <[usize; 4]>::try_from(shape).ok()
 }
 
+/// Runs `f(0..n)`, on tract's thread pool when it has one.
+pub(super) fn par_for(n: usize, f: impl Fn(usize) + Sync + Send) {
+    use rayon::prelude::*;
+    match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool) => pool.install(|| (0..n).into_par_iter().for_each(f)),
+        _ => (0..n).for_each(f),
+    }
+}
+
 /// Runs `f(plane_index, plane)` over the `planes` equal chunks of `out`, on tract's thread pool
 /// when it has one.
 fn for_each_plane(out: &mut [f32], plane_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
