@@ -11,6 +11,8 @@
 //! - the channel `Concat` in front of it, when the convolution is its only reader: the
 //!   convolution reads the concatenated tensors in place, so the concatenation (64 MB per copy at
 //!   IS-Net's 512² stage) is never built;
+//! - the 2x2 `MaxPool` in front of it, when it is the pool's only reader: the rows are pooled
+//!   while they are copied, so the pooled tensor is never built;
 //! - the `Relu` after it, applied as each output value is stored.
 //!
 //! Each output is the same sequence of multiply-adds as in tract's kernels (over input channel,
@@ -24,11 +26,14 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::array::TypedConcat;
 use tract_onnx::tract_core::ops::binary::TypedBinOp;
-use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat};
+use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, MaxPool};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-/// Output channels per tile: one broadcast weight each.
+/// Output channels per tile: one broadcast weight each. Convolutions with fewer output channels
+/// (IS-Net's and U2-Net's side outputs have one) use tiles of one channel and 8 vectors instead.
 const MT: usize = 8;
+/// Vectors per tile when a tile has one output channel.
+const NV_SINGLE: usize = 8;
 /// Lanes per vector: 16 consecutive output pixels of one row.
 const VL: usize = 16;
 /// Vectors per tile: 8 channels x 3 vectors = 24 accumulators, of the 32 registers.
@@ -77,6 +82,24 @@ pub fn direct_convs(model: &mut TypedModel) -> TractResult<(usize, usize)> {
     Ok((replaced, concats))
 }
 
+/// Whether `pool` is a 2x2 max pool, stride 2, no padding, from an f32 NCHW `input` of exactly
+/// twice `output`'s height and width.
+fn is_plain_2x2_pool(pool: &MaxPool, input: Option<[usize; 4]>, [h, w]: [usize; 2]) -> bool {
+    let spec = &pool.pool_spec;
+    let Some([1, _, ih, iw]) = input else {
+        return false;
+    };
+    let padding = spec.computed_padding(&[ih, iw]);
+    pool.with_index_outputs.is_none()
+        && spec.data_format == DataFormat::NCHW
+        && spec.kernel_shape[..] == [2, 2]
+        && spec.strides()[..] == [2, 2]
+        && spec.dilations().iter().all(|d| *d == 1)
+        && (ih, iw) == (2 * h, 2 * w)
+        && padding.iter().all(|p| p.pad_before == 0 && p.pad_after == 0)
+        && (padding[0].convoluted, padding[1].convoluted) == (h, w)
+}
+
 /// Whether `node` is `max(x, 0)` (ONNX Relu after declutter) of `input`.
 fn is_relu_of(model: &TypedModel, node: &TypedNode, input: OutletId) -> TractResult<bool> {
     let Some(bin) = node.op_as::<TypedBinOp>() else {
@@ -106,6 +129,8 @@ struct Geometry {
     channels: Vec<usize>,
     /// Input height and width.
     input: [usize; 2],
+    /// Whether the one input is read through a 2x2, stride-2 max pool (so it is 2H x 2W).
+    pooled: bool,
     /// [1, M, OH, OW].
     output: [usize; 4],
     kernel: [usize; 2],
@@ -124,7 +149,9 @@ pub struct DirectConv {
     band: Band,
     /// Per tap (ky, kx): its offset in the input copy.
     tap_offsets: Vec<usize>,
-    /// Weights as [M/8 tile][input channel][tap][8], zero past M.
+    /// Output channels per tile: 8, or 1 when the convolution has fewer than 8.
+    tile_channels: usize,
+    /// Weights as [tile][input channel][tap][tile_channels], zero past M.
     weights: Arc<Vec<f32>>,
     /// One per output channel.
     bias: Arc<Vec<f32>>,
@@ -168,10 +195,6 @@ impl DirectConv {
         let Some(output @ [1, m, oh, ow]) = nchw(model.outlet_fact(OutletId::new(node.id, 0))?) else {
             return Ok(None);
         };
-        // Fewer output channels than a tile would waste most of it; tract keeps those.
-        if m < MT {
-            return Ok(None);
-        }
         let kernel = [spec.kernel_shape[0], spec.kernel_shape[1]];
         let dilation = [spec.dilation(0), spec.dilation(1)];
         let padding = spec.computed_padding(&[h, w]);
@@ -212,6 +235,18 @@ impl DirectConv {
                 sources = producer.inputs.iter().copied().collect();
             }
         }
+        // Or pool the input while copying it, when this convolution is the pool's only reader.
+        let mut pooled = false;
+        if let [source] = sources[..] {
+            let producer = model.node(source.node);
+            if let Some(pool) = producer.op_as::<MaxPool>()
+                && producer.outputs[0].successors.len() == 1
+                && is_plain_2x2_pool(pool, nchw(model.outlet_fact(producer.inputs[0])?), [h, w])
+            {
+                sources = tvec!(producer.inputs[0]);
+                pooled = true;
+            }
+        }
         let channels = sources
             .iter()
             .map(|s| Ok(nchw(model.outlet_fact(*s)?).map_or(0, |shape| shape[1])))
@@ -228,6 +263,7 @@ impl DirectConv {
         let geometry = Geometry {
             channels,
             input: [h, w],
+            pooled,
             output,
             kernel,
             dilation,
@@ -249,18 +285,20 @@ impl DirectConv {
         let [_, m, oh, ow] = output;
         let c: usize = channels.iter().sum();
         let taps = kernel[0] * kernel[1];
-        let mut packed = vec![0f32; m.div_ceil(MT) * c * taps * MT];
+        let tc = if m < MT { 1 } else { MT };
+        let mut packed = vec![0f32; m.div_ceil(tc) * c * taps * tc];
         for (o, per_out) in weights.chunks_exact(c * taps).enumerate() {
             for (i, per_in) in per_out.chunks_exact(taps).enumerate() {
                 for (t, &v) in per_in.iter().enumerate() {
-                    packed[(((o / MT) * c + i) * taps + t) * MT + o % MT] = v;
+                    packed[(((o / tc) * c + i) * taps + t) * tc + o % tc] = v;
                 }
             }
         }
-        // A task covers whole tiles of vectors: one row when its vectors split into threes,
-        // else three rows.
+        // A task covers whole tiles of vectors: rows in threes unless a row splits into threes.
+        // Taller bands copy fewer rows twice; tall images can afford them and still make dozens
+        // of tasks.
         let per_row = ow.div_ceil(VL);
-        let rows_out = if per_row % NV == 0 { 1 } else { NV }.min(oh);
+        let rows_out = (if per_row.is_multiple_of(NV) { 1 } else { NV } * (oh / 48).clamp(1, 3)).min(oh);
         // With one output row per task, copy only the kernel's rows; else a contiguous band.
         let reach = dilation[0] * (kernel[0] - 1);
         let (rows, image_step, ky_step) = if rows_out == 1 {
@@ -289,6 +327,7 @@ impl DirectConv {
             geometry,
             band,
             tap_offsets,
+            tile_channels: tc,
             weights: Arc::new(packed),
             bias: Arc::new(bias),
         }
@@ -321,8 +360,10 @@ impl DirectConv {
             scratch.resize(total * b.channel_len, 0.0);
         }
         let mut dst = scratch.chunks_exact_mut(b.channel_len);
+        let scale = if self.geometry.pooled { 2 } else { 1 };
+        let source_w = scale * w;
         for input in inputs {
-            for plane in input.chunks_exact(h * w) {
+            for plane in input.chunks_exact(scale * h * source_w) {
                 let channel = dst.next().expect("sized for every channel");
                 for (r, row) in channel.chunks_exact_mut(b.row_len).take(b.rows).enumerate() {
                     let iy = (y0 + r * b.image_step)
@@ -331,7 +372,17 @@ impl DirectConv {
                     match iy {
                         Some(iy) => {
                             row[..self.geometry.pad[1]].fill(0.0);
-                            row[self.geometry.pad[1]..][..w].copy_from_slice(&plane[iy * w..][..w]);
+                            let dst = &mut row[self.geometry.pad[1]..][..w];
+                            if self.geometry.pooled {
+                                let above = plane[2 * iy * source_w..][..source_w].chunks_exact(2);
+                                let below = plane[(2 * iy + 1) * source_w..][..source_w].chunks_exact(2);
+                                // tract's order of comparisons, from f32::MIN.
+                                for ((o, a), b) in dst.iter_mut().zip(above).zip(below) {
+                                    *o = f32::MIN.max(a[0]).max(a[1]).max(b[0]).max(b[1]);
+                                }
+                            } else {
+                                dst.copy_from_slice(&plane[iy * w..][..w]);
+                            }
                             row[self.geometry.pad[1] + w..].fill(0.0);
                         }
                         None => row.fill(0.0),
@@ -349,20 +400,24 @@ impl DirectConv {
         let c: usize = self.geometry.channels.iter().sum();
         let per_row = ow.div_ceil(VL);
         let vectors = per_row * self.band.rows_out.min(oh - y0);
-        let tiles = m.div_ceil(MT);
-        let tile_weights = c * self.tap_offsets.len() * MT;
+        let tc = self.tile_channels;
+        let tiles = m.div_ceil(tc);
+        let tile_weights = c * self.tap_offsets.len() * tc;
         let group = (WEIGHT_BUDGET / (tile_weights * 4)).clamp(1, tiles);
         for first in (0..tiles).step_by(group) {
-            for v in (0..vectors).step_by(NV) {
-                let n = (vectors - v).min(NV);
+            let per_tile = if tc == MT { NV } else { NV_SINGLE };
+            for v in (0..vectors).step_by(per_tile) {
+                let n = (vectors - v).min(per_tile);
                 for tile in first..(first + group).min(tiles) {
                     let weights = &self.weights[tile * tile_weights..][..tile_weights];
                     // SAFETY: as for this function.
                     unsafe {
-                        match n {
-                            3 => self.tile_avx512::<3>(scratch, weights, out, tile, y0, v),
-                            2 => self.tile_avx512::<2>(scratch, weights, out, tile, y0, v),
-                            _ => self.tile_avx512::<1>(scratch, weights, out, tile, y0, v),
+                        match (tc, n) {
+                            (MT, 3) => self.tile_avx512::<MT, 3>(scratch, weights, out, tile, y0, v),
+                            (MT, 2) => self.tile_avx512::<MT, 2>(scratch, weights, out, tile, y0, v),
+                            (MT, _) => self.tile_avx512::<MT, 1>(scratch, weights, out, tile, y0, v),
+                            (_, NV_SINGLE) => self.tile_avx512::<1, NV_SINGLE>(scratch, weights, out, tile, y0, v),
+                            _ => (v..v + n).for_each(|v| self.tile_avx512::<1, 1>(scratch, weights, out, tile, y0, v)),
                         }
                     }
                 }
@@ -370,11 +425,11 @@ impl DirectConv {
         }
     }
 
-    /// Output channels `tile*8..` for the `N` vectors from band vector `v`.
+    /// Output channels `tile*T..` for the `N` vectors from band vector `v`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn tile_avx512<const N: usize>(
+    unsafe fn tile_avx512<const T: usize, const N: usize>(
         &self,
         scratch: &[f32],
         weights: &[f32],
@@ -400,12 +455,12 @@ impl DirectConv {
         }
         // Every load below stays inside the copy and every weight read inside `weights`.
         assert!((c - 1) * self.band.channel_len + base[N - 1] + last_tap + VL <= scratch.len());
-        assert_eq!(weights.len(), c * taps * MT);
+        assert_eq!(weights.len(), c * taps * T);
         let s = scratch.as_ptr();
         let mut w = weights.as_ptr();
         // SAFETY: bounds asserted above; the caller guarantees AVX-512F.
         unsafe {
-            let mut acc = [[_mm512_setzero_ps(); N]; MT];
+            let mut acc = [[_mm512_setzero_ps(); N]; T];
             for ch in 0..c {
                 let channel = s.add(ch * self.band.channel_len);
                 for &off in &self.tap_offsets {
@@ -419,12 +474,12 @@ impl DirectConv {
                             acc[j] = _mm512_fmadd_ps(x[j], k, acc[j]);
                         }
                     }
-                    w = w.add(MT);
+                    w = w.add(T);
                 }
             }
             let plane = oh * ow;
             for (i, acc) in acc.iter().enumerate() {
-                let o = tile * MT + i;
+                let o = tile * T + i;
                 if o >= m {
                     break;
                 }
@@ -492,12 +547,13 @@ impl EvalOp for DirectConv {
             .iter()
             .map(|v| v.as_slice::<f32>())
             .collect::<TractResult<Vec<_>>>()?;
+        let scale = if self.geometry.pooled { 4 } else { 1 };
         for (s, c) in slices.iter().zip(&self.geometry.channels) {
             ensure!(
-                s.len() == c * h * w,
+                s.len() == scale * c * h * w,
                 "input of {} values, expected {}",
                 s.len(),
-                c * h * w
+                scale * c * h * w
             );
         }
         // SAFETY: f32 has no invalid bit patterns, and `run` writes every element.
@@ -569,6 +625,7 @@ mod tests {
         struct Case {
             channels: &'static [usize],
             input: [usize; 2],
+            pooled: bool,
             m: usize,
             kernel: [usize; 2],
             dilation: [usize; 2],
@@ -579,6 +636,7 @@ mod tests {
         let case = |channels, input, m, kernel, dilation, before, after, relu| Case {
             channels,
             input,
+            pooled: false,
             m,
             kernel,
             dilation,
@@ -594,6 +652,17 @@ mod tests {
             case(&[3, 4, 2], [9, 16], 9, [3, 3], [4, 4], [4, 4], [4, 4], false),
             case(&[6], [12, 50], 8, [1, 1], [1, 1], [0, 0], [0, 0], true),
             case(&[4], [10, 21], 8, [5, 3], [1, 2], [1, 0], [3, 4], false),
+            // One output channel: tiles of 8 vectors and single vectors.
+            case(&[9, 3], [30, 70], 1, [3, 3], [1, 1], [1, 1], [1, 1], false),
+            case(&[5], [7, 20], 3, [3, 3], [1, 1], [1, 1], [1, 1], true),
+            // Taller bands (6 and 9 rows); 48 wide splits into threes of vectors.
+            case(&[6], [100, 40], 8, [3, 3], [1, 1], [1, 1], [1, 1], true),
+            case(&[4], [150, 48], 16, [3, 3], [2, 2], [2, 2], [2, 2], false),
+            // Read through a 2x2 max pool.
+            Case {
+                pooled: true,
+                ..case(&[6], [21, 40], 16, [3, 3], [1, 1], [1, 1], [1, 1], true)
+            },
         ];
         let mut seed = 7u32;
         let mut next = move || {
@@ -603,6 +672,7 @@ mod tests {
         for Case {
             channels,
             input: [h, w],
+            pooled,
             m,
             kernel,
             dilation,
@@ -615,12 +685,26 @@ mod tests {
             let oh = h + before[0] + after[0] - dilation[0] * (kernel[0] - 1);
             let ow = w + before[1] + after[1] - dilation[1] * (kernel[1] - 1);
             let output = [1, m, oh, ow];
-            let input: Vec<f32> = (0..c * h * w).map(|_| next()).collect();
+            let scale = if pooled { 2 } else { 1 };
+            let source: Vec<f32> = (0..c * scale * h * scale * w).map(|_| next()).collect();
+            // What the convolution sees: the source, or its 2x2 maxima.
+            let input: Vec<f32> = if pooled {
+                (0..c * h * w)
+                    .map(|i| {
+                        let (plane, y, x) = (i / (h * w), (i / w) % h, i % w);
+                        let at = |dy: usize, dx: usize| source[(plane * 2 * h + 2 * y + dy) * 2 * w + 2 * x + dx];
+                        at(0, 0).max(at(0, 1)).max(at(1, 0)).max(at(1, 1))
+                    })
+                    .collect()
+            } else {
+                source.clone()
+            };
             let weights: Vec<f32> = (0..m * c * kernel[0] * kernel[1]).map(|_| next()).collect();
             let bias: Vec<f32> = (0..m).map(|_| next()).collect();
             let geometry = Geometry {
                 channels: channels.to_vec(),
                 input: [h, w],
+                pooled,
                 output,
                 kernel,
                 dilation,
@@ -629,11 +713,11 @@ mod tests {
             };
             let op = DirectConv::new(geometry, &weights, bias.clone());
             let parts: Vec<&[f32]> = {
-                let mut rest = &input[..];
+                let mut rest = &source[..];
                 channels
                     .iter()
                     .map(|n| {
-                        let (part, tail) = rest.split_at(n * h * w);
+                        let (part, tail) = rest.split_at(n * scale * h * scale * w);
                         rest = tail;
                         part
                     })

@@ -327,8 +327,9 @@ mod tests {
     /// The direct convolutions run the same multiply-adds in the same order as tract's matrix
     /// kernels (over input channel, then kernel row, then column, bias last), so they too must
     /// give tract's results bit for bit. `direct` is how many convolutions they take over on an
-    /// AVX-512 CPU, `concats` how many concatenations are then read in place.
-    fn direct_convs_match_tract(file: &str, pipeline: Pipeline, direct: usize, concats: usize) {
+    /// AVX-512 CPU, `concats` and `pools` how many concatenations and max pools they then read
+    /// through.
+    fn direct_convs_match_tract(file: &str, pipeline: Pipeline, direct: usize, concats: usize, pools: usize) {
         use tract_onnx::tract_core::ops::array::TypedConcat;
         let (ours, theirs) = same_mask_as_tract(file, pipeline, Ops::Ours);
         let concat_count = |m: &Model| m.plan.model().nodes.iter().filter(|n| n.op_is::<TypedConcat>()).count();
@@ -340,6 +341,7 @@ mod tests {
                 concat_count(&theirs),
                 "concats read in place are gone"
             );
+            assert_eq!(count(&ours, "OptMaxPool") + pools, count(&theirs, "OptMaxPool"));
         } else {
             assert_eq!(count(&ours, "DirectConv"), 0);
         }
@@ -347,12 +349,12 @@ mod tests {
 
     #[test]
     fn u2netp_direct_convs_match_tract_bit_for_bit() {
-        direct_convs_match_tract("u2netp.onnx", Pipeline::U2netp, 112, 50);
+        direct_convs_match_tract("u2netp.onnx", Pipeline::U2netp, 118, 50, 33);
     }
 
     #[test]
     fn isnet_direct_convs_match_tract_bit_for_bit() {
-        direct_convs_match_tract("isnet-medium.onnx", Pipeline::Isnet, 112, 50);
+        direct_convs_match_tract("isnet-medium.onnx", Pipeline::Isnet, 113, 50, 33);
     }
 
     /// Our im2col, Resize and Pad (all that runs without AVX-512) must give tract's own results
