@@ -8,6 +8,7 @@ pub mod engine;
 pub mod fetch;
 pub mod http;
 pub mod jobs;
+pub mod memory;
 pub mod metrics;
 pub mod mqtt;
 pub mod provision;

@@ -152,12 +152,48 @@ pub struct DirectConv {
     /// Output channels per tile: 8, or 1 when the convolution has fewer than 8.
     tile_channels: usize,
     /// Weights as [tile][input channel][tap][tile_channels], zero past M.
-    weights: Arc<Vec<f32>>,
+    weights: Arc<Weights>,
     /// One per output channel.
     bias: Arc<Vec<f32>>,
 }
 
 impl Eq for DirectConv {}
+
+/// Packed weights, kept as f16 when every value is one (IS-Net medium ships f16 weights: 88 MB
+/// instead of 176) and widened per tile group as a band uses them, which costs ~1% of the work.
+#[derive(Debug, PartialEq)]
+enum Weights {
+    F32(Vec<f32>),
+    F16(Vec<f16>),
+}
+
+impl Weights {
+    fn new(packed: Vec<f32>) -> Weights {
+        let halves: Vec<f16> = packed.iter().map(|v| f16::from_f32(*v)).collect();
+        if halves
+            .iter()
+            .zip(&packed)
+            .all(|(h, v)| h.to_f32().to_bits() == v.to_bits())
+        {
+            Weights::F16(halves)
+        } else {
+            Weights::F32(packed)
+        }
+    }
+
+    /// `range` of the weights as f32, widened into `buffer` if need be.
+    fn f32s<'a>(&'a self, range: std::ops::Range<usize>, buffer: &'a mut Vec<f32>) -> &'a [f32] {
+        use half::slice::HalfFloatSliceExt;
+        match self {
+            Weights::F32(w) => &w[range],
+            Weights::F16(w) => {
+                buffer.resize(range.len(), 0.0);
+                w[range].convert_to_f32_slice(buffer);
+                buffer
+            }
+        }
+    }
+}
 
 /// Output rows per task; rows of the thread's input copy; image rows between copied rows;
 /// copied rows between kernel rows; floats per copied row; floats per copied channel.
@@ -328,7 +364,7 @@ impl DirectConv {
             band,
             tap_offsets,
             tile_channels: tc,
-            weights: Arc::new(packed),
+            weights: Arc::new(Weights::new(packed)),
             bias: Arc::new(bias),
         }
     }
@@ -338,14 +374,14 @@ impl DirectConv {
         let out = SharedOut(out.as_mut_ptr());
         super::ops::par_for(oh.div_ceil(self.band.rows_out), |task| {
             SCRATCH.with(|scratch| {
-                let mut scratch = scratch.borrow_mut();
+                let Scratch { rows, weights } = &mut *scratch.borrow_mut();
                 let y0 = task * self.band.rows_out;
-                self.fill(inputs, &mut scratch, y0);
+                self.fill(inputs, rows, y0);
                 // SAFETY: `DirectConv` exists only where `available()` (AVX-512F) holds; the copy
                 // was sized and filled for this band; tasks write disjoint output rows.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    self.band_avx512(&scratch, &out, y0)
+                    self.band_avx512(rows, weights, &out, y0)
                 };
             })
         });
@@ -395,7 +431,7 @@ impl DirectConv {
     /// Computes output rows `y0..y0 + rows_out` (fewer at the bottom) from the filled copy.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
-    unsafe fn band_avx512(&self, scratch: &[f32], out: &SharedOut, y0: usize) {
+    unsafe fn band_avx512(&self, scratch: &[f32], widened: &mut Vec<f32>, out: &SharedOut, y0: usize) {
         let [_, m, oh, ow] = self.geometry.output;
         let c: usize = self.geometry.channels.iter().sum();
         let per_row = ow.div_ceil(VL);
@@ -405,11 +441,13 @@ impl DirectConv {
         let tile_weights = c * self.tap_offsets.len() * tc;
         let group = (WEIGHT_BUDGET / (tile_weights * 4)).clamp(1, tiles);
         for first in (0..tiles).step_by(group) {
+            let end = (first + group).min(tiles);
+            let group_weights = self.weights.f32s(first * tile_weights..end * tile_weights, widened);
             let per_tile = if tc == MT { NV } else { NV_SINGLE };
             for v in (0..vectors).step_by(per_tile) {
                 let n = (vectors - v).min(per_tile);
-                for tile in first..(first + group).min(tiles) {
-                    let weights = &self.weights[tile * tile_weights..][..tile_weights];
+                for tile in first..end {
+                    let weights = &group_weights[(tile - first) * tile_weights..][..tile_weights];
                     // SAFETY: as for this function.
                     unsafe {
                         match (tc, n) {
@@ -496,9 +534,16 @@ impl DirectConv {
     }
 }
 
+/// Each thread's working copies: the input rows its current band reads, and the current tile
+/// group's weights widened to f32.
+struct Scratch {
+    rows: Vec<f32>,
+    weights: Vec<f32>,
+}
+
 thread_local! {
-    /// Each thread's copy of the input rows its current band reads.
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SCRATCH: std::cell::RefCell<Scratch> =
+        const { std::cell::RefCell::new(Scratch { rows: Vec::new(), weights: Vec::new() }) };
 }
 
 /// The output tensor's data, written by all tasks at disjoint offsets.

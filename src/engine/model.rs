@@ -77,7 +77,16 @@ pub struct Model {
 impl Model {
     /// Loads `path`. With `pipeline` unset, it is told from the model's declared input size.
     pub fn load(path: &Path, pipeline: Option<Pipeline>, precision: Precision) -> Result<Model, EngineError> {
-        Self::build(path, pipeline, precision, Ops::Ours)
+        let model = Self::build(path, pipeline, precision, Ops::Ours);
+        // Loading passes through ~200 MB (IS-Net) of parsed, widened and repacked weights that
+        // are freed by now; the allocator is tuned never to give memory back on its own
+        // (main.rs), so hand these pages back once, here.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free heap pages.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+        model
     }
 
     /// `load`, with a choice of which of our operators replace tract's (for the tests that
