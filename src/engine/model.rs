@@ -67,7 +67,7 @@ pub struct Model {
     precision: DatumType,
     /// The one run state (with its scratch buffers), recycled between inferences. Holding its
     /// lock is what makes inferences take turns: each already uses every core, and a second
-    /// one at the same time would only double the activation memory (IS-Net: ~400 MB) and
+    /// one at the same time would only double the activation memory (IS-Net: ~220 MB) and
     /// slow both down.
     state: Mutex<Option<PlanState>>,
     /// Run states built so far (1 unless a run failed).
