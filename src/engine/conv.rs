@@ -7,7 +7,7 @@
 //! cases in the inner loop) and keeps 8 output channels x 48 pixels in 24 vector accumulators,
 //! which lands at 85-100% of peak on IS-Net's layers (numbers in the README).
 //!
-//! It also takes over the two operators around most of these convolutions:
+//! It also takes over the operators around most of these convolutions:
 //! - the channel `Concat` in front of it, when the convolution is its only reader: the
 //!   convolution reads the concatenated tensors in place, so the concatenation (64 MB per copy at
 //!   IS-Net's 512² stage) is never built;
@@ -53,8 +53,8 @@ pub fn available() -> bool {
     }
 }
 
-/// Replaces each stride-1 f32 convolution of a decluttered model (with the channel concat that
-/// only feeds it and the Relu that only follows it) with one [`DirectConv`]. Returns how many
+/// Replaces each stride-1 f32 convolution of a decluttered model (with the channel concat or max
+/// pool that only feeds it and the Relu that only follows it) with one [`DirectConv`]. Returns how many
 /// convolutions and concatenations were replaced. Does nothing on CPUs without AVX-512.
 pub fn direct_convs(model: &mut TypedModel) -> TractResult<(usize, usize)> {
     if !available() {
