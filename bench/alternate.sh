@@ -10,14 +10,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 shared="$(cd .. && pwd)/shared"
 model=${1:?model: isnet or u2netp}; image=${2:?image}; threads=${3:-$(nproc)}; rounds=${4:-3}; runs=${5:-5}
-case "$model" in
-    isnet) file=isnet-medium.onnx ;;
-    u2netp) file=u2netp.onnx ;;
-    *) echo "unknown model $model" >&2; exit 2 ;;
-esac
-cargo build --release --locked --quiet
-bin=target/release/removebgd
-$bin models fetch "$model" >/dev/null 2>&1 || true
+. bench/common.sh
 echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), model=$model threads=$threads rounds=$rounds runs=$runs"
 ratios=()
 for round in $(seq "$rounds"); do

@@ -24,14 +24,7 @@ PY
 fi
 
 model=${1:?model: isnet or u2netp}; image=${2:?image}; threads=${3:-$(nproc)}; runs=${4:-5}
-case "$model" in
-    isnet) file=isnet-medium.onnx ;;
-    u2netp) file=u2netp.onnx ;;
-    *) echo "unknown model $model" >&2; exit 2 ;;
-esac
-cargo build --release --locked --quiet
-bin=target/release/removebgd
-$bin models fetch "$model" >/dev/null 2>&1 || true
+. bench/common.sh
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 

@@ -29,6 +29,8 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, MaxPool};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
+use super::ops::nchw_f32;
+
 /// Output channels per tile: one broadcast weight each. Convolutions with fewer output channels
 /// (IS-Net's and U2-Net's side outputs have one) use tiles of one channel and 8 vectors instead.
 const MT: usize = 8;
@@ -225,10 +227,10 @@ impl DirectConv {
         {
             return Ok(None);
         }
-        let Some([1, c, h, w]) = nchw(model.outlet_fact(node.inputs[0])?) else {
+        let Some([1, c, h, w]) = nchw_f32(model.outlet_fact(node.inputs[0])?) else {
             return Ok(None);
         };
-        let Some(output @ [1, m, oh, ow]) = nchw(model.outlet_fact(OutletId::new(node.id, 0))?) else {
+        let Some(output @ [1, m, oh, ow]) = nchw_f32(model.outlet_fact(OutletId::new(node.id, 0))?) else {
             return Ok(None);
         };
         let kernel = [spec.kernel_shape[0], spec.kernel_shape[1]];
@@ -262,7 +264,7 @@ impl DirectConv {
             let parts = producer
                 .inputs
                 .iter()
-                .map(|i| Ok(nchw(model.outlet_fact(*i)?)))
+                .map(|i| Ok(nchw_f32(model.outlet_fact(*i)?)))
                 .collect::<TractResult<Vec<_>>>()?;
             if parts
                 .iter()
@@ -277,7 +279,7 @@ impl DirectConv {
             let producer = model.node(source.node);
             if let Some(pool) = producer.op_as::<MaxPool>()
                 && producer.outputs[0].successors.len() == 1
-                && is_plain_2x2_pool(pool, nchw(model.outlet_fact(producer.inputs[0])?), [h, w])
+                && is_plain_2x2_pool(pool, nchw_f32(model.outlet_fact(producer.inputs[0])?), [h, w])
             {
                 sources = tvec!(producer.inputs[0]);
                 pooled = true;
@@ -285,7 +287,7 @@ impl DirectConv {
         }
         let channels = sources
             .iter()
-            .map(|s| Ok(nchw(model.outlet_fact(*s)?).map_or(0, |shape| shape[1])))
+            .map(|s| Ok(nchw_f32(model.outlet_fact(*s)?).map_or(0, |shape| shape[1])))
             .collect::<TractResult<Vec<_>>>()?;
 
         let mut last = node.id;
@@ -550,14 +552,6 @@ thread_local! {
 struct SharedOut(*mut f32);
 // SAFETY: tasks write disjoint rows of the output through it, and the tensor outlives `run`.
 unsafe impl Sync for SharedOut {}
-
-/// Concrete NCHW f32 shape of an outlet, or None.
-fn nchw(fact: &TypedFact) -> Option<[usize; 4]> {
-    if fact.datum_type != f32::datum_type() {
-        return None;
-    }
-    <[usize; 4]>::try_from(fact.shape.as_concrete()?).ok()
-}
 
 impl Op for DirectConv {
     fn name(&self) -> StaticName {

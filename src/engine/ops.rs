@@ -52,7 +52,7 @@ pub fn parallel_resize(model: &mut TypedModel) -> TractResult<usize> {
 }
 
 /// Concrete NCHW f32 shape of an outlet, or None.
-fn nchw_f32(fact: &TypedFact) -> Option<[usize; 4]> {
+pub(super) fn nchw_f32(fact: &TypedFact) -> Option<[usize; 4]> {
     if fact.datum_type != f32::datum_type() {
         return None;
     }
