@@ -94,6 +94,9 @@ pub const DATABASE_FILE: &str = "removebgd.db";
 pub const RESULTS_DIR: &str = "results";
 /// Images of queued MQTT jobs inside the data directory.
 pub const INBOX_DIR: &str = "inbox";
+/// How long without a new inference before the daemon unmaps the activation blocks it keeps
+/// for reuse (`memory.rs`): long enough to span a kiosk's back-to-back shots.
+const IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Runs the daemon until SIGINT/SIGTERM, then drains within `drain_timeout`.
 pub fn serve(settings: ServeSettings) -> Result<()> {
@@ -114,6 +117,8 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
     bootstrap(&store, &settings)?;
     status(&format!("loading model {}", settings.engine.model));
     let engine = Arc::new(load_engine(&settings.engine)?);
+    // Between bursts of requests, hand the activation blocks kept for reuse back to the board.
+    crate::memory::release_when_idle(IDLE_RELEASE).context("starting the memory release thread")?;
 
     let mut own = local_addresses();
     if !settings.listen.ip().is_unspecified() {

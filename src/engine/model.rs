@@ -86,6 +86,9 @@ impl Model {
         unsafe {
             libc::malloc_trim(0);
         }
+        // Likewise the big blocks kept for reuse: the load's temporaries are not what the
+        // inferences need, and would set the cache's high-water mark.
+        crate::memory::release_cached();
         model
     }
 
