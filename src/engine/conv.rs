@@ -13,7 +13,10 @@
 //!   IS-Net's 512² stage) is never built;
 //! - the 2x2 `MaxPool` in front of it, when it is the pool's only reader: the rows are pooled
 //!   while they are copied, so the pooled tensor is never built;
-//! - the `Relu` after it, applied as each output value is stored.
+//! - the `Relu` after it, applied as each output value is stored;
+//! - the residual `Add` after that (U2-Net's and IS-Net's blocks end with one), when the sum is
+//!   the convolution's only reader: the other term is added as each value is stored, so the
+//!   convolution's own output (64 MB at IS-Net's 512² stage) is never built either.
 //!
 //! Each output is the same sequence of multiply-adds as in tract's kernels (over input channel,
 //! then kernel row, then kernel column, from zero, bias added last), so results are bit-identical
@@ -55,33 +58,43 @@ pub fn available() -> bool {
     }
 }
 
+/// What [`direct_convs`] replaced: convolutions, and the concatenations and residual additions
+/// taken over with them.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Replaced {
+    pub convs: usize,
+    pub concats: usize,
+    pub residuals: usize,
+}
+
 /// Replaces each stride-1 f32 convolution of a decluttered model (with the channel concat or max
-/// pool that only feeds it and the Relu that only follows it) with one [`DirectConv`]. Returns how many
-/// convolutions and concatenations were replaced. Does nothing on CPUs without AVX-512.
-pub fn direct_convs(model: &mut TypedModel) -> TractResult<(usize, usize)> {
+/// pool that only feeds it, and the Relu and residual Add that only follow it) with one
+/// [`DirectConv`]. Does nothing on CPUs without AVX-512.
+pub fn direct_convs(model: &mut TypedModel) -> TractResult<Replaced> {
+    let mut replaced = Replaced::default();
     if !available() {
-        return Ok((0, 0));
+        return Ok(replaced);
     }
     let convs: Vec<usize> = model.nodes.iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
-    let (mut replaced, mut concats) = (0, 0);
     // One patch per convolution: a later one may read what an earlier one rewired.
     for id in convs {
         let Some((op, sources, last)) = DirectConv::for_node(model, model.node(id))? else {
             continue;
         };
+        replaced.convs += 1;
+        replaced.concats += usize::from(op.geometry.channels.len() > 1);
+        replaced.residuals += usize::from(op.geometry.residual);
         let mut patch = TypedModelPatch::new("direct convolution");
         let taps = sources
             .iter()
             .map(|s| patch.tap_model(model, *s))
             .collect::<TractResult<TVec<_>>>()?;
-        concats += usize::from(taps.len() > 1);
         let wire = patch.wire_node(&model.node(id).name, op, &taps)?[0];
         patch.shunt_outside(model, OutletId::new(last, 0), wire)?;
         patch.apply(model)?;
-        replaced += 1;
     }
     model.compact()?;
-    Ok((replaced, concats))
+    Ok(replaced)
 }
 
 /// Whether `pool` is a 2x2 max pool, stride 2, no padding, from an f32 NCHW `input` of exactly
@@ -100,6 +113,29 @@ fn is_plain_2x2_pool(pool: &MaxPool, input: Option<[usize; 4]>, [h, w]: [usize; 
         && (ih, iw) == (2 * h, 2 * w)
         && padding.iter().all(|p| p.pad_before == 0 && p.pad_after == 0)
         && (padding[0].convoluted, padding[1].convoluted) == (h, w)
+}
+
+/// The other term when `node` adds `input` to an f32 tensor of the same `shape` (no broadcast).
+fn residual_of(
+    model: &TypedModel,
+    node: &TypedNode,
+    input: OutletId,
+    shape: [usize; 4],
+) -> TractResult<Option<OutletId>> {
+    let Some(bin) = node.op_as::<TypedBinOp>() else {
+        return Ok(None);
+    };
+    if bin.0.name() != "Add" || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let other = match node.inputs[..] {
+        [a, b] if a == input && b != input => b,
+        [a, b] if b == input && a != input => a,
+        _ => return Ok(None),
+    };
+    let same_shape = nchw_f32(model.outlet_fact(other)?) == Some(shape)
+        && nchw_f32(model.outlet_fact(OutletId::new(node.id, 0))?) == Some(shape);
+    Ok(same_shape.then_some(other))
 }
 
 /// Whether `node` is `max(x, 0)` (ONNX Relu after declutter) of `input`.
@@ -140,6 +176,8 @@ struct Geometry {
     /// Zero padding before the first row and column (the after side follows from the output).
     pad: [usize; 2],
     relu: bool,
+    /// Whether a tensor of the output's shape is added (after the Relu): the last input.
+    residual: bool,
 }
 
 /// A stride-1, group-1 NCHW f32 convolution with its bias, optional Relu, and one or more inputs
@@ -211,7 +249,7 @@ struct Band {
 
 impl DirectConv {
     /// The replacement for the `Conv` at `node`, the outlets it reads and the node whose output
-    /// it replaces (the Relu when one is fused), or None when it does not apply.
+    /// it replaces (the Relu or Add when fused), or None when it does not apply.
     fn for_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(DirectConv, TVec<OutletId>, usize)>> {
         let Some(conv) = node.op_as::<Conv>() else {
             return Ok(None);
@@ -298,6 +336,15 @@ impl DirectConv {
             last = succ.node;
             relu = true;
         }
+        let mut residual = false;
+        let last_node = model.node(last);
+        if let [succ] = &last_node.outputs[0].successors[..]
+            && let Some(other) = residual_of(model, model.node(succ.node), OutletId::new(last, 0), output)?
+        {
+            last = succ.node;
+            residual = true;
+            sources.push(other);
+        }
         let geometry = Geometry {
             channels,
             input: [h, w],
@@ -307,6 +354,7 @@ impl DirectConv {
             dilation,
             pad,
             relu,
+            residual,
         };
         let op = DirectConv::new(geometry, weights.try_as_plain_ram()?.as_slice::<f32>()?, bias);
         Ok(Some((op, sources, last)))
@@ -371,9 +419,23 @@ impl DirectConv {
         }
     }
 
+    /// Whether it adds a residual to its output.
+    #[cfg(test)]
+    pub fn adds_residual(&self) -> bool {
+        self.geometry.residual
+    }
+
+    /// Computes the output from the inputs (the convolved ones, then the residual if any).
     fn run(&self, inputs: &[&[f32]], out: &mut [f32]) {
         let [_, _, oh, _] = self.geometry.output;
-        let out = SharedOut(out.as_mut_ptr());
+        let (inputs, residual) = if self.geometry.residual {
+            let (last, convolved) = inputs.split_last().expect("the residual is an input");
+            assert_eq!(last.len(), out.len());
+            (convolved, last.as_ptr())
+        } else {
+            (inputs, std::ptr::null())
+        };
+        let out = SharedOut(out.as_mut_ptr(), residual);
         super::ops::par_for(oh.div_ceil(self.band.rows_out), |task| {
             SCRATCH.with(|scratch| {
                 let Scratch { rows, weights } = &mut *scratch.borrow_mut();
@@ -529,6 +591,9 @@ impl DirectConv {
                     if self.geometry.relu {
                         r = _mm512_max_ps(r, _mm512_setzero_ps());
                     }
+                    if self.geometry.residual {
+                        r = _mm512_add_ps(r, _mm512_maskz_loadu_ps(lanes[j], out.1.add(o * plane + at[j])));
+                    }
                     _mm512_mask_storeu_ps(out.0.add(o * plane + at[j]), lanes[j], r);
                 }
             }
@@ -548,8 +613,9 @@ thread_local! {
         const { std::cell::RefCell::new(Scratch { rows: Vec::new(), weights: Vec::new() }) };
 }
 
-/// The output tensor's data, written by all tasks at disjoint offsets.
-struct SharedOut(*mut f32);
+/// The output tensor's data, written by all tasks at disjoint offsets, and the residual added
+/// to it (null without one).
+struct SharedOut(*mut f32, *const f32);
 // SAFETY: tasks write disjoint rows of the output through it, and the tensor outlives `run`.
 unsafe impl Sync for SharedOut {}
 
@@ -560,12 +626,13 @@ impl Op for DirectConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{:?} -> {:?} kernel {:?} dilation {:?} relu {}",
+            "{:?} -> {:?} kernel {:?} dilation {:?} relu {} residual {}",
             self.geometry.channels,
             self.geometry.output,
             self.geometry.kernel,
             self.geometry.dilation,
-            self.geometry.relu
+            self.geometry.relu,
+            self.geometry.residual
         )])
     }
 
@@ -576,7 +643,7 @@ impl EvalOp for DirectConv {
     op_out_of_plan!();
 
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
-        ensure!(inputs.len() == self.geometry.channels.len());
+        ensure!(inputs.len() == self.geometry.channels.len() + usize::from(self.geometry.residual));
         let [h, w] = self.geometry.input;
         let views = inputs
             .iter()
@@ -587,6 +654,13 @@ impl EvalOp for DirectConv {
             .map(|v| v.as_slice::<f32>())
             .collect::<TractResult<Vec<_>>>()?;
         let scale = if self.geometry.pooled { 4 } else { 1 };
+        if self.geometry.residual {
+            let len = slices.last().map_or(0, |s| s.len());
+            ensure!(
+                len == self.geometry.output.iter().product::<usize>(),
+                "residual of {len} values"
+            );
+        }
         for (s, c) in slices.iter().zip(&self.geometry.channels) {
             ensure!(
                 s.len() == scale * c * h * w,
@@ -671,6 +745,7 @@ mod tests {
             before: [usize; 2],
             after: [usize; 2],
             relu: bool,
+            residual: bool,
         }
         let case = |channels, input, m, kernel, dilation, before, after, relu| Case {
             channels,
@@ -682,6 +757,7 @@ mod tests {
             before,
             after,
             relu,
+            residual: false,
         };
         let cases = [
             case(&[16], [48, 48], 16, [3, 3], [1, 1], [1, 1], [1, 1], true),
@@ -702,6 +778,15 @@ mod tests {
                 pooled: true,
                 ..case(&[6], [21, 40], 16, [3, 3], [1, 1], [1, 1], [1, 1], true)
             },
+            // A residual added after the Relu, and without one; with a concatenation.
+            Case {
+                residual: true,
+                ..case(&[8], [30, 50], 16, [3, 3], [1, 1], [1, 1], [1, 1], true)
+            },
+            Case {
+                residual: true,
+                ..case(&[3, 5], [19, 33], 10, [3, 3], [2, 2], [2, 2], [2, 2], false)
+            },
         ];
         let mut seed = 7u32;
         let mut next = move || {
@@ -718,6 +803,7 @@ mod tests {
             before,
             after,
             relu,
+            residual,
         } in cases
         {
             let c: usize = channels.iter().sum();
@@ -749,9 +835,11 @@ mod tests {
                 dilation,
                 pad: before,
                 relu,
+                residual,
             };
             let op = DirectConv::new(geometry, &weights, bias.clone());
-            let parts: Vec<&[f32]> = {
+            let added: Vec<f32> = (0..m * oh * ow).map(|_| next()).collect();
+            let mut parts: Vec<&[f32]> = {
                 let mut rest = &source[..];
                 channels
                     .iter()
@@ -762,9 +850,12 @@ mod tests {
                     })
                     .collect()
             };
+            if residual {
+                parts.push(&added);
+            }
             let mut out = vec![f32::NAN; m * oh * ow];
             op.run(&parts, &mut out);
-            let want = reference(
+            let mut want = reference(
                 &input,
                 c,
                 [h, w],
@@ -776,6 +867,9 @@ mod tests {
                 before,
                 relu,
             );
+            if residual {
+                want.iter_mut().zip(&added).for_each(|(w, a)| *w += a);
+            }
             let worst = out
                 .iter()
                 .zip(&want)
@@ -783,7 +877,7 @@ mod tests {
                 .fold(0f32, |acc, d| if d.is_nan() { f32::INFINITY } else { acc.max(d) });
             assert!(
                 worst < 1e-4,
-                "{channels:?} {h}x{w} M{m} k{kernel:?} d{dilation:?}: worst difference {worst}"
+                "{channels:?} {h}x{w} M{m} k{kernel:?} d{dilation:?} residual {residual}: worst difference {worst}"
             );
         }
     }

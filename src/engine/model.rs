@@ -144,7 +144,7 @@ impl Model {
                 typed.declutter()?;
                 let direct = match ops {
                     Ops::Ours => super::conv::direct_convs(&mut typed)?,
-                    _ => (0, 0),
+                    _ => Default::default(),
                 };
                 let geometries = super::ops::conv_geometries(&typed);
                 typed.optimize()?;
@@ -155,8 +155,9 @@ impl Model {
             let im2col = super::ops::faster_im2col(&mut typed, &geometries).map_err(|e| fail("row im2col", e))?;
             let resize = super::ops::parallel_resize(&mut typed).map_err(|e| fail("parallel resize", e))?;
             tracing::debug!(
-                direct_convs = direct.0,
-                concats_read_in_place = direct.1,
+                direct_convs = direct.convs,
+                concats_read_in_place = direct.concats,
+                residuals_added_in_place = direct.residuals,
                 im2col,
                 resize,
                 "own operators swapped in"
@@ -340,8 +341,8 @@ mod tests {
     /// kernels (over input channel, then kernel row, then column, bias last), so they too must
     /// give tract's results bit for bit. `direct` is how many convolutions they take over on an
     /// AVX-512 CPU, `concats` and `pools` how many concatenations and max pools they then read
-    /// through.
-    fn direct_convs_match_tract(file: &str, pipeline: Pipeline, direct: usize, concats: usize, pools: usize) {
+    /// through, `residuals` how many additions they make as they store.
+    fn direct_convs_match_tract(file: &str, pipeline: Pipeline, [direct, concats, pools, residuals]: [usize; 4]) {
         use tract_onnx::tract_core::ops::array::TypedConcat;
         let (ours, theirs) = same_mask_as_tract(file, pipeline, Ops::Ours);
         let concat_count = |m: &Model| m.plan.model().nodes.iter().filter(|n| n.op_is::<TypedConcat>()).count();
@@ -354,6 +355,18 @@ mod tests {
                 "concats read in place are gone"
             );
             assert_eq!(count(&ours, "OptMaxPool") + pools, count(&theirs, "OptMaxPool"));
+            let adding = ours
+                .plan
+                .model()
+                .nodes
+                .iter()
+                .filter(|n| {
+                    n.op_as::<super::super::conv::DirectConv>()
+                        .is_some_and(|c| c.adds_residual())
+                })
+                .count();
+            assert_eq!(adding, residuals);
+            assert_eq!(count(&ours, "OptAddUnicast"), 0, "every addition is made in place");
         } else {
             assert_eq!(count(&ours, "DirectConv"), 0);
         }
@@ -361,12 +374,12 @@ mod tests {
 
     #[test]
     fn u2netp_direct_convs_match_tract_bit_for_bit() {
-        direct_convs_match_tract("u2netp.onnx", Pipeline::U2netp, 118, 50, 33);
+        direct_convs_match_tract("u2netp.onnx", Pipeline::U2netp, [118, 50, 33, 11]);
     }
 
     #[test]
     fn isnet_direct_convs_match_tract_bit_for_bit() {
-        direct_convs_match_tract("isnet-medium.onnx", Pipeline::Isnet, 113, 50, 33);
+        direct_convs_match_tract("isnet-medium.onnx", Pipeline::Isnet, [113, 50, 33, 11]);
     }
 
     /// Our im2col, Resize and Pad (all that runs without AVX-512) must give tract's own results
