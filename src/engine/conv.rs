@@ -43,8 +43,11 @@ const NV_SINGLE: usize = 8;
 const VL: usize = 16;
 /// Vectors per tile: 8 channels x 3 vectors = 24 accumulators, of the 32 registers.
 const NV: usize = 3;
-/// Weights of the output-channel tiles used together, kept under half of a typical L2.
+/// Weights of the output-channel tiles used together, kept under a quarter of a typical L2.
 const WEIGHT_BUDGET: usize = 256 * 1024;
+/// A task's copy of its input rows, kept with the weights within a typical 1 MB L2 (unless one
+/// output row alone needs more).
+const BAND_BUDGET: usize = 768 * 1024;
 
 /// Whether this CPU can run [`DirectConv`].
 pub fn available() -> bool {
@@ -382,17 +385,26 @@ impl DirectConv {
         }
         // A task covers whole tiles of vectors: rows in threes unless a row splits into threes.
         // Taller bands copy fewer rows twice; tall images can afford them and still make dozens
-        // of tasks.
+        // of tasks. But the copy must stay in the core's own L2 with room for the weights: from
+        // the shared L3 (shared with the other cores, and on a VM with other tenants) IS-Net's
+        // widest layers ran 25% slower at 2 threads. Failing that, one output row per task
+        // copies only the kernel's rows.
         let per_row = ow.div_ceil(VL);
-        let rows_out = (if per_row.is_multiple_of(NV) { 1 } else { NV } * (oh / 48).clamp(1, 3)).min(oh);
-        // With one output row per task, copy only the kernel's rows; else a contiguous band.
+        let row_len = per_row * VL + dilation[1] * (kernel[1] - 1);
         let reach = dilation[0] * (kernel[0] - 1);
+        let step = if per_row.is_multiple_of(NV) { 1 } else { NV };
+        let fits = |rows: usize| c * rows * row_len * 4 <= BAND_BUDGET;
+        let rows_out = (1..=(oh / 48).clamp(1, 3))
+            .rev()
+            .map(|k| step * k)
+            .find(|r| fits(r + reach))
+            .unwrap_or(1)
+            .min(oh);
         let (rows, image_step, ky_step) = if rows_out == 1 {
             (kernel[0], dilation[0], 1)
         } else {
             (rows_out + reach, 1, dilation[0])
         };
-        let row_len = per_row * VL + dilation[1] * (kernel[1] - 1);
         let mut channel_len = rows * row_len;
         // Copied channels a multiple of 4 KiB apart would all compete for the same L1 sets.
         if channel_len.is_multiple_of(1024) {
@@ -727,6 +739,36 @@ mod tests {
         out
     }
 
+    /// A task's input copy stays within the budget by taking fewer rows, down to one output
+    /// row (the kernel's rows only) when even three do not fit.
+    #[test]
+    fn bands_shrink_to_fit_the_budget() {
+        let band = |channels: usize, [h, w]: [usize; 2]| {
+            let geometry = Geometry {
+                channels: vec![channels],
+                input: [h, w],
+                pooled: false,
+                output: [1, 8, h, w],
+                kernel: [3, 3],
+                dilation: [1, 1],
+                pad: [1, 1],
+                relu: false,
+                residual: false,
+            };
+            let op = DirectConv::new(geometry, &vec![0.5; 8 * channels * 9], vec![0.0; 8]);
+            let copy = channels * op.band.channel_len * 4;
+            (op.band.rows_out, op.band.rows, copy)
+        };
+        // 20 vectors a row: whole tiles need rows in threes.
+        assert_eq!(band(16, [150, 300]), (9, 11, 16 * 11 * 306 * 4));
+        let (rows_out, rows, copy) = band(64, [150, 300]);
+        assert_eq!((rows_out, rows), (6, 8));
+        assert!(copy <= BAND_BUDGET);
+        let (rows_out, rows, copy) = band(160, [60, 300]);
+        assert_eq!((rows_out, rows), (1, 3));
+        assert!(copy <= BAND_BUDGET);
+    }
+
     /// Shapes that exercise every path: partial vectors, one and three rows per task, tiles of
     /// 1-3 vectors, output channels past the last full tile, dilation, uneven padding, two inputs.
     #[test]
@@ -778,6 +820,9 @@ mod tests {
                 pooled: true,
                 ..case(&[6], [21, 40], 16, [3, 3], [1, 1], [1, 1], [1, 1], true)
             },
+            // Wide and deep: bands cut to 6 rows, and to single rows, to fit the budget.
+            case(&[64], [150, 300], 8, [3, 3], [1, 1], [1, 1], [1, 1], true),
+            case(&[100, 60], [60, 300], 8, [3, 3], [1, 1], [1, 1], [1, 1], false),
             // A residual added after the Relu, and without one; with a concatenation.
             Case {
                 residual: true,
