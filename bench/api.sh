@@ -123,3 +123,6 @@ used=$(curl -s "http://$addr/v1/removebg/quota" -H "Authorization: Bearer $key" 
     sed -n 's/.*"credits_used":\([0-9]*\).*/\1/p')
 echo "# requests sent: $sent  credits used: $used$([ "$used" = "$sent" ] || echo '  MISMATCH')"
 echo "# daemon peak RSS (VmHWM): $(mib "$(kib VmHWM)") MiB  (VmRSS now: $(mib "$(kib VmRSS)") MiB)"
+# Idle: the activation blocks kept for reuse go back to the kernel 20-25 s after the last inference.
+sleep 30
+echo "# daemon VmRSS after 30 s idle: $(mib "$(kib VmRSS)") MiB"

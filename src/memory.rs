@@ -187,8 +187,8 @@ pub fn cached_bytes() -> usize {
     }
 }
 
-/// Starts a thread that calls [`release_cached`] whenever a whole `quiet` period passed without
-/// a big allocation (an idle daemon then holds only its model).
+/// Starts a thread that calls [`release_cached`] once `quiet` has passed without a big
+/// allocation (checked four times per period), so an idle daemon holds only its model.
 pub fn release_when_idle(quiet: std::time::Duration) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     std::thread::Builder::new()
@@ -196,13 +196,15 @@ pub fn release_when_idle(quiet: std::time::Duration) -> std::io::Result<()> {
         .spawn(move || {
             use std::sync::atomic::Ordering;
             let mut seen = big::TAKEN.load(Ordering::Relaxed);
+            let mut since = std::time::Instant::now();
             loop {
-                std::thread::sleep(quiet);
+                std::thread::sleep(quiet / 4);
                 let now = big::TAKEN.load(Ordering::Relaxed);
-                if now == seen && cached_bytes() > 0 {
+                if now != seen {
+                    (seen, since) = (now, std::time::Instant::now());
+                } else if since.elapsed() >= quiet && cached_bytes() > 0 {
                     release_cached();
                 }
-                seen = now;
             }
         })?;
     Ok(())
