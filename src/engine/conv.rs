@@ -118,6 +118,19 @@ fn is_plain_2x2_pool(pool: &MaxPool, input: Option<[usize; 4]>, [h, w]: [usize; 
         && (padding[0].convoluted, padding[1].convoluted) == (h, w)
 }
 
+/// The other operand when `node` is the binary operator `name` (`Max`, `Add`, ...) of `input`
+/// and something else.
+fn other_operand(node: &TypedNode, name: &str, input: OutletId) -> Option<OutletId> {
+    if node.op_as::<TypedBinOp>()?.0.name() != name {
+        return None;
+    }
+    match node.inputs[..] {
+        [a, b] if a == input && b != input => Some(b),
+        [a, b] if b == input && a != input => Some(a),
+        _ => None,
+    }
+}
+
 /// The other term when `node` adds `input` to an f32 tensor of the same `shape` (no broadcast).
 fn residual_of(
     model: &TypedModel,
@@ -125,16 +138,8 @@ fn residual_of(
     input: OutletId,
     shape: [usize; 4],
 ) -> TractResult<Option<OutletId>> {
-    let Some(bin) = node.op_as::<TypedBinOp>() else {
+    let Some(other) = other_operand(node, "Add", input) else {
         return Ok(None);
-    };
-    if bin.0.name() != "Add" || node.inputs.len() != 2 {
-        return Ok(None);
-    }
-    let other = match node.inputs[..] {
-        [a, b] if a == input && b != input => b,
-        [a, b] if b == input && a != input => a,
-        _ => return Ok(None),
     };
     let same_shape = nchw_f32(model.outlet_fact(other)?) == Some(shape)
         && nchw_f32(model.outlet_fact(OutletId::new(node.id, 0))?) == Some(shape);
@@ -143,21 +148,10 @@ fn residual_of(
 
 /// Whether `node` is `max(x, 0)` (ONNX Relu after declutter) of `input`.
 fn is_relu_of(model: &TypedModel, node: &TypedNode, input: OutletId) -> TractResult<bool> {
-    let Some(bin) = node.op_as::<TypedBinOp>() else {
+    let Some(other) = other_operand(node, "Max", input) else {
         return Ok(false);
     };
-    if bin.0.name() != "Max" || node.inputs.len() != 2 {
-        return Ok(false);
-    }
-    let other = if node.inputs[0] == input {
-        node.inputs[1]
-    } else if node.inputs[1] == input {
-        node.inputs[0]
-    } else {
-        return Ok(false);
-    };
-    let fact = model.outlet_fact(other)?;
-    Ok(match &fact.konst {
+    Ok(match &model.outlet_fact(other)?.konst {
         Some(k) if k.len() == 1 && k.datum_type().is_float() => k.cast_to_scalar::<f32>()? == 0.0,
         _ => false,
     })
@@ -340,8 +334,7 @@ impl DirectConv {
             relu = true;
         }
         let mut residual = false;
-        let last_node = model.node(last);
-        if let [succ] = &last_node.outputs[0].successors[..]
+        if let [succ] = &model.node(last).outputs[0].successors[..]
             && let Some(other) = residual_of(model, model.node(succ.node), OutletId::new(last, 0), output)?
         {
             last = succ.node;

@@ -100,8 +100,8 @@ struct Taps {
     index: Vec<[usize; 2]>,
     weight: Vec<[f32; 2]>,
     /// The same per block of 16 outputs, for the vector column pass: the first source index of
-    /// the block (None when its taps span more than 16 sources), then per output (padded to
-    /// whole blocks) the two taps relative to it and the two weights.
+    /// the block (None when its taps span more than 16 sources, or the CPU has no AVX-512), then
+    /// per output (padded to whole blocks) the two taps relative to it and the two weights.
     blocks: Vec<Option<usize>>,
     offsets: [Vec<i32>; 2],
     weights: [Vec<f32>; 2],
@@ -131,10 +131,11 @@ impl Taps {
         let mut blocks = Vec::new();
         let mut offsets = [vec![0; padded], vec![0; padded]];
         let mut weights = [vec![0.0; padded], vec![0.0; padded]];
+        let vector = super::conv::available();
         for (b, block) in index.chunks(BLOCK).enumerate() {
             let low = block.iter().flatten().min().copied().unwrap_or(0);
             let high = block.iter().flatten().max().copied().unwrap_or(0);
-            let fits = high - low < BLOCK;
+            let fits = vector && high - low < BLOCK;
             blocks.push(fits.then_some(low));
             for (i, taps) in block.iter().enumerate() {
                 for k in 0..2 {
@@ -246,18 +247,17 @@ impl PlaneResize {
     fn columns(&self, row: &[f32], out: &mut [f32]) {
         let cols = &*self.cols;
         for ((out, block), first) in out.chunks_mut(BLOCK).zip(&cols.blocks).zip((0..).step_by(BLOCK)) {
-            #[cfg(target_arch = "x86_64")]
-            if let Some(low) = *block
-                && super::conv::available()
-            {
-                // SAFETY: AVX-512F is present; `low` and the offsets come from this axis' taps.
-                unsafe { columns_avx512(cols, row, low, first, out) };
-                continue;
-            }
-            let _ = block;
-            let taps = cols.index[first..].iter().zip(&cols.weight[first..]);
-            for (o, (&[c0, c1], &w)) in out.iter_mut().zip(taps) {
-                *o = blend(w, row[c0], row[c1]);
+            match *block {
+                // SAFETY: blocks are planned only where AVX-512F is present (`Taps::new`); `low`
+                // and the offsets come from this axis' taps.
+                #[cfg(target_arch = "x86_64")]
+                Some(low) => unsafe { columns_avx512(cols, row, low, first, out) },
+                _ => {
+                    let taps = cols.index[first..].iter().zip(&cols.weight[first..]);
+                    for (o, (&[c0, c1], &w)) in out.iter_mut().zip(taps) {
+                        *o = blend(w, row[c0], row[c1]);
+                    }
+                }
             }
         }
     }
@@ -803,9 +803,15 @@ mod tests {
                 })
                 .unzip();
             let cols = Taps::new(index.clone(), weight.clone());
-            // Upscaling permutes every block; downscaling by 4 needs the scalar path at least once.
+            // With AVX-512, upscaling permutes every block; downscaling by 4 needs the scalar
+            // path at least once. Without it, every block is scalar.
             let permuted = cols.blocks.iter().all(|b| b.is_some());
-            assert_eq!(permuted, to > from, "{from} -> {to}: blocks {:?}", cols.blocks);
+            assert_eq!(
+                permuted,
+                to > from && super::super::conv::available(),
+                "{from} -> {to}: blocks {:?}",
+                cols.blocks
+            );
             let op = PlaneResize {
                 input: [1, 1, 1, from],
                 output: [1, 1, 1, to],
