@@ -32,25 +32,33 @@ impl FromStr for BgColor {
 /// Builds RGBA pixels from RGB and a mask, laying the cutout over `bg` ("over" compositing in
 /// straight alpha). With an opaque background every output pixel is opaque.
 pub fn compose(rgb: &[u8], mask: &[u8], bg: Option<BgColor>) -> Vec<u8> {
-    let mut out = Vec::with_capacity(mask.len() * 4);
+    let mut out = vec![0; mask.len() * 4];
+    compose_into(rgb, mask, bg, &mut out);
+    out
+}
+
+/// `compose` into `out` (4 bytes per mask byte): one row at a time for the PNG writer.
+pub fn compose_into(rgb: &[u8], mask: &[u8], bg: Option<BgColor>, out: &mut [u8]) {
+    debug_assert!(rgb.len() == mask.len() * 3 && out.len() == mask.len() * 4);
+    let pixels = out.chunks_exact_mut(4).zip(rgb.chunks_exact(3)).zip(mask);
     match bg {
         None => {
-            for (p, &a) in rgb.chunks_exact(3).zip(mask) {
-                out.extend_from_slice(&[p[0], p[1], p[2], a]);
+            for ((o, p), &a) in pixels {
+                o.copy_from_slice(&[p[0], p[1], p[2], a]);
             }
         }
         Some(BgColor([br, bgc, bb, 255])) => {
             let bgp = [br as u32, bgc as u32, bb as u32];
-            for (p, &a) in rgb.chunks_exact(3).zip(mask) {
+            for ((o, p), &a) in pixels {
                 let (a, na) = (a as u32, 255 - a as u32);
                 let mix = |c: usize| ((p[c] as u32 * a + bgp[c] * na + 127) / 255) as u8;
-                out.extend_from_slice(&[mix(0), mix(1), mix(2), 255]);
+                o.copy_from_slice(&[mix(0), mix(1), mix(2), 255]);
             }
         }
         Some(BgColor([br, bgc, bb, ba])) => {
             let ba = ba as f32 / 255.0;
             let bgp = [br as f32, bgc as f32, bb as f32];
-            for (p, &a) in rgb.chunks_exact(3).zip(mask) {
+            for ((o, p), &a) in pixels {
                 let a = a as f32 / 255.0;
                 let under = ba * (1.0 - a);
                 let oa = a + under;
@@ -61,11 +69,10 @@ pub fn compose(rgb: &[u8], mask: &[u8], bg: Option<BgColor>) -> Vec<u8> {
                         0
                     }
                 };
-                out.extend_from_slice(&[mix(0), mix(1), mix(2), (oa * 255.0).round() as u8]);
+                o.copy_from_slice(&[mix(0), mix(1), mix(2), (oa * 255.0).round() as u8]);
             }
         }
     }
-    out
 }
 
 #[cfg(test)]

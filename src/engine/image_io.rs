@@ -3,10 +3,12 @@
 
 use std::io::Cursor;
 
+use image::metadata::Orientation;
 use image::{
     DynamicImage, ExtendedColorType, GrayImage, ImageDecoder, ImageEncoder, ImageFormat, ImageReader, Limits, RgbImage,
-    codecs::{png, webp::WebPEncoder},
+    codecs::webp::WebPEncoder,
 };
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 /// Why an input image was refused. Each variant has a stable machine-readable code.
@@ -91,12 +93,56 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Picture, ImageError> {
     if pixels == 0 {
         return Err(ImageError::Corrupt("the image has no pixels".into()));
     }
-    let orientation = decoder
-        .orientation()
-        .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
-    img.apply_orientation(orientation);
-    Ok(split_alpha(img))
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    let Picture { rgb, alpha } = split_alpha(img);
+    let (w, h) = rgb.dimensions();
+    let (rgb, (w, h)) = orient::<3>(rgb.into_raw(), (w, h), orientation);
+    Ok(Picture {
+        rgb: RgbImage::from_raw(w, h, rgb).expect("rgb buffer matches the image"),
+        alpha: alpha.map(|a| {
+            let (a, (w, h)) = orient::<1>(a.into_raw(), (w, h), orientation);
+            GrayImage::from_raw(w, h, a).expect("alpha buffer matches the image")
+        }),
+    })
+}
+
+/// Turns an interleaved 8-bit image of `C` channels upright. Phone photos are mostly stored
+/// sideways (EXIF orientation 6); `image`'s own rotation visits the source a column at a
+/// time, which cost 38 ms at 12 MP. This copies tile by tile, so reads stay within a few
+/// cache lines per source row, on the current rayon pool.
+fn orient<const C: usize>(src: Vec<u8>, (w, h): (u32, u32), o: Orientation) -> (Vec<u8>, (u32, u32)) {
+    const TILE: usize = 64;
+    let (wi, hi) = (w as isize, h as isize);
+    // Output pixel (x, y) reads source pixel origin + x * dx + y * dy.
+    let (origin, dx, dy) = match o {
+        Orientation::NoTransforms => return (src, (w, h)),
+        Orientation::FlipHorizontal => (wi - 1, -1, wi),
+        Orientation::Rotate180 => (hi * wi - 1, -1, -wi),
+        Orientation::FlipVertical => ((hi - 1) * wi, 1, -wi),
+        Orientation::Rotate90FlipH => (0, wi, 1),
+        Orientation::Rotate90 => ((hi - 1) * wi, -wi, 1),
+        Orientation::Rotate270FlipH => (hi * wi - 1, -wi, -1),
+        Orientation::Rotate270 => (wi - 1, wi, -1),
+    };
+    let (ow, oh) = if dx.abs() == 1 { (w, h) } else { (h, w) };
+    let row_len = ow as usize * C;
+    let mut out = vec![0u8; row_len * oh as usize];
+    out.par_chunks_mut(row_len * TILE).enumerate().for_each(|(band, rows)| {
+        for x0 in (0..ow as usize).step_by(TILE) {
+            let x1 = (x0 + TILE).min(ow as usize);
+            for (r, row) in rows.chunks_exact_mut(row_len).enumerate() {
+                let y = (band * TILE + r) as isize;
+                let mut at = origin + x0 as isize * dx + y * dy;
+                for px in row[x0 * C..x1 * C].chunks_exact_mut(C) {
+                    let i = at as usize * C;
+                    px.copy_from_slice(&src[i..i + C]);
+                    at += dx;
+                }
+            }
+        }
+    });
+    (out, (ow, oh))
 }
 
 fn corrupt(e: image::ImageError) -> ImageError {
@@ -179,8 +225,8 @@ impl OutputFormat {
     }
 }
 
-/// Encodes raw 8-bit pixels (`L8` gray or `Rgba8`) as PNG (fast deflate: the cutout is big and
-/// waited for) or lossless WebP.
+/// Encodes raw 8-bit pixels (`L8` gray or `Rgba8`) as PNG (our parallel writer: the cutout is big
+/// and waited for) or lossless WebP.
 pub fn encode(
     pixels: &[u8],
     w: u32,
@@ -188,16 +234,30 @@ pub fn encode(
     color: ExtendedColorType,
     format: OutputFormat,
 ) -> Result<Vec<u8>, ImageError> {
-    let mut out = Vec::with_capacity(pixels.len() / 2);
-    let result = match format {
+    match format {
         OutputFormat::Png => {
-            png::PngEncoder::new_with_quality(&mut out, png::CompressionType::Fast, png::FilterType::Adaptive)
-                .write_image(pixels, w, h, color)
+            let channels = color.channel_count() as usize;
+            if color.bits_per_pixel() != 8 * channels as u16 || pixels.len() != w as usize * h as usize * channels {
+                return Err(ImageError::Encode(format!(
+                    "{w}x{h} {color:?} does not match {} bytes",
+                    pixels.len()
+                )));
+            }
+            let stride = w as usize * channels;
+            Ok(super::on_pool(|| {
+                super::png_writer::write_png(w, h, channels, |y, row| {
+                    row.copy_from_slice(&pixels[y * stride..][..stride])
+                })
+            }))
         }
-        OutputFormat::Webp => WebPEncoder::new_lossless(&mut out).write_image(pixels, w, h, color),
-    };
-    result.map_err(|e| ImageError::Encode(e.to_string()))?;
-    Ok(out)
+        OutputFormat::Webp => {
+            let mut out = Vec::with_capacity(pixels.len() / 2);
+            WebPEncoder::new_lossless(&mut out)
+                .write_image(pixels, w, h, color)
+                .map_err(|e| ImageError::Encode(e.to_string()))?;
+            Ok(out)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -272,6 +332,26 @@ mod tests {
             let back = image::load_from_memory(&bytes).unwrap();
             assert!(back.color().has_alpha(), "{f:?}");
             assert_eq!(back.into_rgba8().into_raw(), px, "{f:?} is lossless");
+        }
+    }
+
+    #[test]
+    fn orient_matches_image_for_every_exif_orientation() {
+        // 70x130 crosses the 64-pixel tiles in both directions, with partial tiles at the ends.
+        let (w, h) = (70u32, 130u32);
+        let rgb = RgbImage::from_fn(w, h, |x, y| image::Rgb([x as u8, y as u8, (x * 3 + y * 7) as u8]));
+        let gray = GrayImage::from_fn(w, h, |x, y| image::Luma([(x * 5 + y * 11) as u8]));
+        for exif in 1..=8 {
+            let o = Orientation::from_exif(exif).unwrap();
+            let mut want = DynamicImage::ImageRgb8(rgb.clone());
+            want.apply_orientation(o);
+            let (got, size) = orient::<3>(rgb.as_raw().clone(), (w, h), o);
+            assert_eq!(size, (want.width(), want.height()), "exif {exif}");
+            assert_eq!(got, want.into_rgb8().into_raw(), "exif {exif}");
+            let mut want = DynamicImage::ImageLuma8(gray.clone());
+            want.apply_orientation(o);
+            let (got, _) = orient::<1>(gray.as_raw().clone(), (w, h), o);
+            assert_eq!(got, want.into_luma8().into_raw(), "exif {exif}, gray");
         }
     }
 }

@@ -6,6 +6,7 @@ mod conv;
 pub mod image_io;
 mod model;
 mod ops;
+mod png_writer;
 pub mod pool;
 mod prepost;
 pub mod resize;
@@ -19,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 pub use color::{BgColor, ColorError};
 pub use image_io::{ImageError, OutputFormat, Picture};
-pub use model::{Model, Precision, use_threads};
+pub use model::{Model, Precision, on_pool, use_threads};
 pub use pool::Pool;
 
 /// Which reference pre/post-processing a model follows (see models/manifest.toml).
@@ -123,13 +124,13 @@ impl Engine {
     pub fn cut(&self, input: &[u8], opts: &CutOptions) -> Result<Cutout, EngineError> {
         let mut t = Timings::default();
         let start = Instant::now();
-        let picture = image_io::decode(input, self.max_pixels)?;
+        let picture = on_pool(|| image_io::decode(input, self.max_pixels))?;
         t.decode = start.elapsed();
-        let (pixels, width, height, color) = self.cut_picture(&picture, opts, &mut t)?;
-        drop(picture);
+        let layers = self.layers(&picture, opts, &mut t)?;
         let start = Instant::now();
-        let bytes = image_io::encode(&pixels, width, height, color, opts.format)?;
+        let bytes = layers.encode(opts)?;
         t.encode = start.elapsed();
+        let (width, height) = layers.size;
         Ok(Cutout {
             bytes,
             width,
@@ -143,24 +144,19 @@ impl Engine {
     pub fn mask(&self, picture: &Picture, size: (u32, u32), t: &mut Timings) -> Result<Vec<u8>, EngineError> {
         let pipeline = self.model.pipeline();
         let start = Instant::now();
-        let input = pipeline.preprocess(picture.rgb.as_raw(), picture.rgb.dimensions());
+        let input = on_pool(|| pipeline.preprocess(picture.rgb.as_raw(), picture.rgb.dimensions()));
         t.preprocess = start.elapsed();
         let start = Instant::now();
         let out = self.model.infer(input)?;
         t.inference = start.elapsed();
         let start = Instant::now();
-        let mask = pipeline.postprocess(&out, size);
+        let mask = on_pool(|| pipeline.postprocess(&out, size));
         t.postprocess = start.elapsed();
         Ok(mask)
     }
 
-    /// Raw output pixels for `picture`: gray mask or RGBA cutout, at the requested size.
-    fn cut_picture(
-        &self,
-        picture: &Picture,
-        opts: &CutOptions,
-        t: &mut Timings,
-    ) -> Result<(Vec<u8>, u32, u32, ExtendedColorType), EngineError> {
+    /// The mask (and, for a cutout, the colours) at the requested size, ready to encode.
+    fn layers<'p>(&self, picture: &'p Picture, opts: &CutOptions, t: &mut Timings) -> Result<Layers<'p>, EngineError> {
         let (w, h) = (picture.width(), picture.height());
         let size = match opts.size {
             OutputSize::Full => (w, h),
@@ -168,24 +164,45 @@ impl Engine {
         };
         let mut mask = self.mask(picture, size, t)?;
         let start = Instant::now();
-        let source_alpha = picture
-            .alpha
-            .as_ref()
-            .map(|a| shrink(a.as_raw(), (w, h), PixelType::U8, size));
-        if let Some(a) = &source_alpha {
+        if let Some(alpha) = &picture.alpha {
             // A pixel transparent in the input stays transparent in the cutout.
-            for (m, &a) in mask.iter_mut().zip(a.iter()) {
+            let alpha = shrink(alpha.as_raw(), (w, h), PixelType::U8, size);
+            for (m, &a) in mask.iter_mut().zip(alpha.iter()) {
                 *m = ((*m as u16 * a as u16 + 127) / 255) as u8;
             }
         }
-        if opts.mask_only {
-            t.postprocess += start.elapsed();
-            return Ok((mask, size.0, size.1, ExtendedColorType::L8));
-        }
-        let rgb = shrink(picture.rgb.as_raw(), (w, h), PixelType::U8x3, size);
-        let rgba = color::compose(&rgb, &mask, opts.bg_color);
+        let rgb = (!opts.mask_only).then(|| shrink(picture.rgb.as_raw(), (w, h), PixelType::U8x3, size));
         t.postprocess += start.elapsed();
-        Ok((rgba, size.0, size.1, ExtendedColorType::Rgba8))
+        Ok(Layers { size, mask, rgb })
+    }
+}
+
+/// A cutout before encoding: the mask, and the colours unless only the mask is wanted.
+struct Layers<'p> {
+    size: (u32, u32),
+    mask: Vec<u8>,
+    rgb: Option<std::borrow::Cow<'p, [u8]>>,
+}
+
+impl Layers<'_> {
+    /// Encodes the gray mask or the RGBA cutout. PNG rows are composed band by band as the
+    /// writer asks for them, on the inference threads, so no full RGBA copy is ever built.
+    fn encode(&self, opts: &CutOptions) -> Result<Vec<u8>, ImageError> {
+        let (w, h) = self.size;
+        let width = w as usize;
+        match (&self.rgb, opts.format) {
+            (None, format) => image_io::encode(&self.mask, w, h, ExtendedColorType::L8, format),
+            (Some(rgb), OutputFormat::Png) => Ok(on_pool(|| {
+                png_writer::write_png(w, h, 4, |y, row| {
+                    let mask = &self.mask[y * width..][..width];
+                    color::compose_into(&rgb[y * width * 3..][..width * 3], mask, opts.bg_color, row)
+                })
+            })),
+            (Some(rgb), format) => {
+                let rgba = color::compose(rgb, &self.mask, opts.bg_color);
+                image_io::encode(&rgba, w, h, ExtendedColorType::Rgba8, format)
+            }
+        }
     }
 }
 

@@ -43,8 +43,20 @@ pub fn use_threads(threads: usize) {
     INIT.call_once(|| {
         if threads > 1 {
             multithread::set_default_executor(multithread::Executor::multithread(threads));
+        } else {
+            // Parallel code outside tract's pool (see `on_pool`) then stays on one thread too.
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(1).build_global();
         }
     });
+}
+
+/// Runs `f` on the inference threads when there are several, so the parallel iterators in it
+/// (resizes, PNG bands) use those threads and no others.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    match multithread::current_tract_executor() {
+        multithread::Executor::MultiThread(pool) => pool.install(f),
+        _ => f(),
+    }
 }
 
 /// Which operators replace tract's own.
