@@ -107,7 +107,15 @@ fn cmyk_jpeg_is_converted_to_the_right_colours() {
     assert!(d < 4.0, "CMYK JPEG decoded {d} levels away from its RGB source");
     let (_, _, from_cmyk) = cut(&read(fixture("chelsea-cmyk.jpg")));
     let (_, _, from_rgb) = cut(&read(images().join("chelsea.png")));
-    assert!(mad(&from_cmyk, &from_rgb) < 2.0);
+    // u2netp's mask moves by about 2 levels for the few levels the JPEG round trip costs (1.7
+    // with the earlier resize order, 2.1 with Pillow's); a wrong conversion moves it by far more.
+    let d = mad(&from_cmyk, &from_rgb);
+    assert!(d < 3.0, "the mask from the CMYK JPEG is {d} levels away");
+    let mut swapped = original.clone();
+    swapped.pixels_mut().for_each(|p| p.0.swap(0, 2));
+    let (_, _, from_bgr) = cut(&encode(&DynamicImage::ImageRgb8(swapped), ImageFormat::Png));
+    let wrong = mad(&from_bgr, &from_rgb);
+    assert!(wrong > 20.0, "the comparison can tell a channel swap apart ({wrong})");
 }
 
 #[test]

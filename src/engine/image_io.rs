@@ -126,22 +126,27 @@ fn orient<const C: usize>(src: Vec<u8>, (w, h): (u32, u32), o: Orientation) -> (
         Orientation::Rotate270 => (wi - 1, wi, -1),
     };
     let (ow, oh) = if dx.abs() == 1 { (w, h) } else { (h, w) };
-    let row_len = ow as usize * C;
-    let mut out = vec![0u8; row_len * oh as usize];
-    out.par_chunks_mut(row_len * TILE).enumerate().for_each(|(band, rows)| {
-        for x0 in (0..ow as usize).step_by(TILE) {
-            let x1 = (x0 + TILE).min(ow as usize);
-            for (r, row) in rows.chunks_exact_mut(row_len).enumerate() {
-                let y = (band * TILE + r) as isize;
-                let mut at = origin + x0 as isize * dx + y * dy;
-                for px in row[x0 * C..x1 * C].chunks_exact_mut(C) {
-                    let i = at as usize * C;
-                    px.copy_from_slice(&src[i..i + C]);
-                    at += dx;
+    let ow_px = ow as usize;
+    let mut out = vec![0u8; ow_px * C * oh as usize];
+    // Whole pixels: one bounds check and one small move each.
+    let (src_px, _) = src.as_chunks::<C>();
+    let (out_px, _) = out.as_chunks_mut::<C>();
+    out_px
+        .par_chunks_mut(ow_px * TILE)
+        .enumerate()
+        .for_each(|(band, rows)| {
+            for x0 in (0..ow_px).step_by(TILE) {
+                let x1 = (x0 + TILE).min(ow_px);
+                for (r, row) in rows.chunks_exact_mut(ow_px).enumerate() {
+                    let y = (band * TILE + r) as isize;
+                    let mut at = origin + x0 as isize * dx + y * dy;
+                    for px in &mut row[x0..x1] {
+                        *px = src_px[at as usize];
+                        at += dx;
+                    }
                 }
             }
-        }
-    });
+        });
     (out, (ow, oh))
 }
 

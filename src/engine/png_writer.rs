@@ -164,12 +164,7 @@ fn paeth_rows(up: &[u8], cur: &[u8], bpp: usize, out: &mut [u8]) {
     for i in 0..n {
         out[i] = cur[i].wrapping_sub(up[i]);
     }
-    let lanes = out[bpp..]
-        .iter_mut()
-        .zip(&cur[bpp..])
-        .zip(cur)
-        .zip(&up[bpp..])
-        .zip(up);
+    let lanes = out[bpp..].iter_mut().zip(&cur[bpp..]).zip(cur).zip(&up[bpp..]).zip(up);
     for ((((o, &x), &a), &b), &c) in lanes {
         let (a16, b16, c16) = (a as i16, b as i16, c as i16);
         let pa = (b16 - c16).abs();
