@@ -52,21 +52,23 @@ fn preview_is_at_most_a_quarter_megapixel_with_the_same_aspect() {
 
 #[test]
 fn webp_output_is_lossless_with_alpha() {
-    let png = u2netp().cut(&rocket(), &CutOptions::default()).unwrap();
-    let webp = u2netp()
-        .cut(
-            &rocket(),
-            &CutOptions {
-                format: OutputFormat::Webp,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-    assert_eq!(&webp.bytes[..4], b"RIFF");
-    let w = image::load_from_memory(&webp.bytes).unwrap();
-    assert!(w.color().has_alpha());
-    assert_eq!(
-        w.into_rgba8().into_raw(),
-        image::load_from_memory(&png.bytes).unwrap().into_rgba8().into_raw()
-    );
+    // The PNG is composed band by band inside the parallel writer, the WebP from one composed
+    // frame: the same pixels for every compositing case (rocket.jpg's PNG has three bands).
+    for bg in [None, Some("#00ff00"), Some("#ff000080")] {
+        let opts = |format| CutOptions {
+            format,
+            bg_color: bg.map(|c| c.parse::<BgColor>().unwrap()),
+            ..Default::default()
+        };
+        let png = u2netp().cut(&rocket(), &opts(OutputFormat::Png)).unwrap();
+        let webp = u2netp().cut(&rocket(), &opts(OutputFormat::Webp)).unwrap();
+        assert_eq!(&webp.bytes[..4], b"RIFF");
+        let w = image::load_from_memory(&webp.bytes).unwrap();
+        assert!(w.color().has_alpha());
+        assert_eq!(
+            w.into_rgba8().into_raw(),
+            image::load_from_memory(&png.bytes).unwrap().into_rgba8().into_raw(),
+            "bg_color {bg:?}"
+        );
+    }
 }
