@@ -1,11 +1,13 @@
-//! Direct convolution for stride-1 2-D f32 convolutions on x86-64 CPUs with AVX-512, swapped in
-//! for tract's im2col + matrix product before tract optimises the model.
+//! Direct convolution for stride-1 2-D f32 convolutions on x86-64 CPUs with AVX-512 or AVX2 and
+//! FMA, swapped in for tract's im2col + matrix product before tract optimises the model.
 //!
 //! tract 0.23 runs these convolutions as im2col panels fed to a 16x12 matrix kernel; on IS-Net
 //! that reaches about 55% of the cores' FMA peak. [`DirectConv`] instead reads each input row
 //! straight from a small per-thread copy of the rows it needs (zero-padded, so there are no edge
 //! cases in the inner loop) and keeps 8 output channels x 48 pixels in 24 vector accumulators,
-//! which lands at 85-100% of peak on IS-Net's layers (numbers in the README).
+//! which lands at 85-100% of peak on IS-Net's layers (numbers in the README). With AVX2 (16
+//! registers of 8 lanes) a tile is 4 output channels x 24 pixels in 12 accumulators, written as
+//! plain arrays that the compiler turns into the same vector code (see [`Isa`]).
 //!
 //! It also takes over the operators around most of these convolutions:
 //! - the channel `Concat` in front of it, when the convolution is its only reader: the
@@ -22,7 +24,8 @@
 //! then kernel row, then kernel column, from zero, bias added last), so results are bit-identical
 //! to tract's; the model tests check it on both models.
 
-// The kernel is x86-64 only: elsewhere `available()` is false and nothing below is ever built.
+// The kernels are x86-64 only: elsewhere `Isa::chosen()` is None and nothing below is ever
+// built.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
 
 use tract_onnx::prelude::*;
@@ -34,23 +37,23 @@ use tract_onnx::tract_core::ops::nn::DataFormat;
 
 use super::ops::nchw_f32;
 
-/// Output channels per tile: one broadcast weight each. Convolutions with fewer output channels
-/// (IS-Net's and U2-Net's side outputs have one) use tiles of one channel and 8 vectors instead.
-const MT: usize = 8;
-/// Vectors per tile when a tile has one output channel.
-const NV_SINGLE: usize = 8;
-/// Lanes per vector: 16 consecutive output pixels of one row.
-const VL: usize = 16;
-/// Vectors per tile: 8 channels x 3 vectors = 24 accumulators, of the 32 registers.
-const NV: usize = 3;
+/// Output channels x vectors per tile, one accumulator each: with AVX-512, 8 x 3 = 24 of the 32
+/// registers; with AVX2, 6 x 2 = 12 of the 16 (the compiler spilled a 4 x 3 tile's).
+const AVX512_T: usize = 8;
+const AVX512_N: usize = 3;
+const AVX2_T: usize = 6;
+const AVX2_N: usize = 2;
+/// Vectors per tile when a tile has one output channel (the side outputs' convolutions).
+const AVX512_SINGLE: usize = 8;
+const AVX2_SINGLE: usize = 6;
 /// Weights of the output-channel tiles used together, kept under a quarter of a typical L2.
 const WEIGHT_BUDGET: usize = 256 * 1024;
 /// A task's copy of its input rows, kept with the weights within a typical 1 MB L2 (unless one
 /// output row alone needs more).
 const BAND_BUDGET: usize = 768 * 1024;
 
-/// Whether this CPU can run [`DirectConv`].
-pub fn available() -> bool {
+/// Whether this CPU has AVX-512F (for the resize kernels in `ops.rs` too).
+pub fn avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -58,6 +61,65 @@ pub fn available() -> bool {
     #[cfg(not(target_arch = "x86_64"))]
     {
         false
+    }
+}
+
+/// The instruction set, and so the vector code, a [`DirectConv`] runs.
+///
+/// - `Avx512`: intrinsics, 16 lanes, tiles of 8 output channels (or 8 vectors of one).
+/// - `Avx2`: 8 lanes, tiles of 4 output channels (or 6 vectors of one). The tile is written
+///   with arrays and `mul_add` in a function compiled for AVX2 and FMA, which the compiler
+///   turns into 256-bit loads and fused multiply-adds; each output is still one chain of
+///   fused multiply-adds in tract's order, so the results are tract's bit for bit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx512,
+    Avx2,
+}
+
+impl Isa {
+    /// Lanes per vector: consecutive output pixels of one row.
+    fn lanes(self) -> usize {
+        match self {
+            Isa::Avx512 => 16,
+            Isa::Avx2 => 8,
+        }
+    }
+
+    /// Output channels (one broadcast weight each) and vectors per tile.
+    fn tile(self) -> [usize; 2] {
+        match self {
+            Isa::Avx512 => [AVX512_T, AVX512_N],
+            Isa::Avx2 => [AVX2_T, AVX2_N],
+        }
+    }
+
+    /// Whether this CPU runs it.
+    pub fn supported(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        {
+            match self {
+                Isa::Avx512 => avx512(),
+                Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    }
+
+    /// The kernel for this CPU, the fastest it supports: None leaves tract's convolutions in
+    /// place. `REMOVEBGD_DIRECT_CONV` (`avx512`, `avx2` or `off`) overrides it, to measure
+    /// one against another; a kernel the CPU lacks is never chosen.
+    pub fn chosen() -> Option<Isa> {
+        let wanted = std::env::var("REMOVEBGD_DIRECT_CONV").unwrap_or_default();
+        let candidates: &[Isa] = match wanted.as_str() {
+            "off" => &[],
+            "avx2" => &[Isa::Avx2],
+            _ => &[Isa::Avx512, Isa::Avx2],
+        };
+        candidates.iter().copied().find(|k| k.supported())
     }
 }
 
@@ -72,16 +134,16 @@ pub struct Replaced {
 
 /// Replaces each stride-1 f32 convolution of a decluttered model (with the channel concat or max
 /// pool that only feeds it, and the Relu and residual Add that only follow it) with one
-/// [`DirectConv`]. Does nothing on CPUs without AVX-512.
-pub fn direct_convs(model: &mut TypedModel) -> TractResult<Replaced> {
+/// [`DirectConv`] running on `isa`. Does nothing without one.
+pub fn direct_convs(model: &mut TypedModel, isa: Option<Isa>) -> TractResult<Replaced> {
     let mut replaced = Replaced::default();
-    if !available() {
+    let Some(isa) = isa.filter(|k| k.supported()) else {
         return Ok(replaced);
-    }
+    };
     let convs: Vec<usize> = model.nodes.iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
     // One patch per convolution: a later one may read what an earlier one rewired.
     for id in convs {
-        let Some((op, sources, last)) = DirectConv::for_node(model, model.node(id))? else {
+        let Some((op, sources, last)) = DirectConv::for_node(isa, model, model.node(id))? else {
             continue;
         };
         replaced.convs += 1;
@@ -181,12 +243,13 @@ struct Geometry {
 /// read as one channel concatenation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DirectConv {
+    isa: Isa,
     geometry: Geometry,
     /// How the rows a task reads are copied.
     band: Band,
     /// Per tap (ky, kx): its offset in the input copy.
     tap_offsets: Vec<usize>,
-    /// Output channels per tile: 8, or 1 when the convolution has fewer than 8.
+    /// Output channels per tile: the kernel's, or 1 when the convolution has fewer.
     tile_channels: usize,
     /// Weights as [tile][input channel][tap][tile_channels], zero past M.
     weights: Arc<Weights>,
@@ -247,7 +310,11 @@ struct Band {
 impl DirectConv {
     /// The replacement for the `Conv` at `node`, the outlets it reads and the node whose output
     /// it replaces (the Relu or Add when fused), or None when it does not apply.
-    fn for_node(model: &TypedModel, node: &TypedNode) -> TractResult<Option<(DirectConv, TVec<OutletId>, usize)>> {
+    fn for_node(
+        isa: Isa,
+        model: &TypedModel,
+        node: &TypedNode,
+    ) -> TractResult<Option<(DirectConv, TVec<OutletId>, usize)>> {
         let Some(conv) = node.op_as::<Conv>() else {
             return Ok(None);
         };
@@ -352,11 +419,11 @@ impl DirectConv {
             relu,
             residual,
         };
-        let op = DirectConv::new(geometry, weights.try_as_plain_ram()?.as_slice::<f32>()?, bias);
+        let op = DirectConv::new(isa, geometry, weights.try_as_plain_ram()?.as_slice::<f32>()?, bias);
         Ok(Some((op, sources, last)))
     }
 
-    fn new(geometry: Geometry, weights: &[f32], bias: Vec<f32>) -> DirectConv {
+    fn new(isa: Isa, geometry: Geometry, weights: &[f32], bias: Vec<f32>) -> DirectConv {
         let Geometry {
             ref channels,
             output,
@@ -367,7 +434,8 @@ impl DirectConv {
         let [_, m, oh, ow] = output;
         let c: usize = channels.iter().sum();
         let taps = kernel[0] * kernel[1];
-        let tc = if m < MT { 1 } else { MT };
+        let (vl, [mt, nv]) = (isa.lanes(), isa.tile());
+        let tc = if m < mt { 1 } else { mt };
         let mut packed = vec![0f32; m.div_ceil(tc) * c * taps * tc];
         for (o, per_out) in weights.chunks_exact(c * taps).enumerate() {
             for (i, per_in) in per_out.chunks_exact(taps).enumerate() {
@@ -376,16 +444,17 @@ impl DirectConv {
                 }
             }
         }
-        // A task covers whole tiles of vectors: rows in threes unless a row splits into threes.
+        // A task covers whole tiles of vectors: rows in threes (twos for AVX2) unless a row
+        // splits into them.
         // Taller bands copy fewer rows twice; tall images can afford them and still make dozens
         // of tasks. But the copy must stay in the core's own L2 with room for the weights: from
         // the shared L3 (shared with the other cores, and on a VM with other tenants) IS-Net's
         // widest layers ran 25% slower at 2 threads. Failing that, one output row per task
         // copies only the kernel's rows.
-        let per_row = ow.div_ceil(VL);
-        let row_len = per_row * VL + dilation[1] * (kernel[1] - 1);
+        let per_row = ow.div_ceil(vl);
+        let row_len = per_row * vl + dilation[1] * (kernel[1] - 1);
         let reach = dilation[0] * (kernel[0] - 1);
-        let step = if per_row.is_multiple_of(NV) { 1 } else { NV };
+        let step = if per_row.is_multiple_of(nv) { 1 } else { nv };
         let fits = |rows: usize| c * rows * row_len * 4 <= BAND_BUDGET;
         let rows_out = (1..=(oh / 48).clamp(1, 3))
             .rev()
@@ -401,7 +470,7 @@ impl DirectConv {
         let mut channel_len = rows * row_len;
         // Copied channels a multiple of 4 KiB apart would all compete for the same L1 sets.
         if channel_len.is_multiple_of(1024) {
-            channel_len += VL;
+            channel_len += vl;
         }
         let band = Band {
             rows_out,
@@ -415,6 +484,7 @@ impl DirectConv {
             .map(|t| (t / kernel[1]) * ky_step * row_len + (t % kernel[1]) * dilation[1])
             .collect();
         DirectConv {
+            isa,
             geometry,
             band,
             tap_offsets,
@@ -446,11 +516,14 @@ impl DirectConv {
                 let Scratch { rows, weights } = &mut *scratch.borrow_mut();
                 let y0 = task * self.band.rows_out;
                 self.fill(inputs, rows, y0);
-                // SAFETY: `DirectConv` exists only where `available()` (AVX-512F) holds; the copy
-                // was sized and filled for this band; tasks write disjoint output rows.
+                // SAFETY: `DirectConv` exists only where its kernel is supported; the copy was
+                // sized and filled for this band; tasks write disjoint output rows.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    self.band_avx512(rows, weights, &out, y0)
+                    match self.isa {
+                        Isa::Avx512 => self.band_avx512(rows, weights, &out, y0),
+                        Isa::Avx2 => self.band_avx2(rows, weights, &out, y0),
+                    }
                 };
             })
         });
@@ -497,10 +570,16 @@ impl DirectConv {
         }
     }
 
-    /// Computes output rows `y0..y0 + rows_out` (fewer at the bottom) from the filled copy.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
-    unsafe fn band_avx512(&self, scratch: &[f32], widened: &mut Vec<f32>, out: &SharedOut, y0: usize) {
+    /// Computes output rows `y0..y0 + rows_out` (fewer at the bottom) from the filled copy,
+    /// tile by tile with `tile(T, N, weights, tile index, first vector)`: T output channels
+    /// (`MT` or 1) by N vectors (1..=NT, or `SINGLE` or 1 when T is 1).
+    #[inline(always)]
+    fn band<const VL: usize, const MT: usize, const NT: usize, const SINGLE: usize>(
+        &self,
+        widened: &mut Vec<f32>,
+        y0: usize,
+        mut tile: impl FnMut(usize, usize, &[f32], usize, usize),
+    ) {
         let [_, m, oh, ow] = self.geometry.output;
         let c: usize = self.geometry.channels.iter().sum();
         let per_row = ow.div_ceil(VL);
@@ -512,21 +591,152 @@ impl DirectConv {
         for first in (0..tiles).step_by(group) {
             let end = (first + group).min(tiles);
             let group_weights = self.weights.f32s(first * tile_weights..end * tile_weights, widened);
-            let per_tile = if tc == MT { NV } else { NV_SINGLE };
+            let per_tile = if tc == MT { NT } else { SINGLE };
             for v in (0..vectors).step_by(per_tile) {
                 let n = (vectors - v).min(per_tile);
-                for tile in first..end {
-                    let weights = &group_weights[(tile - first) * tile_weights..][..tile_weights];
-                    // SAFETY: as for this function.
-                    unsafe {
-                        match (tc, n) {
-                            (MT, 3) => self.tile_avx512::<MT, 3>(scratch, weights, out, tile, y0, v),
-                            (MT, 2) => self.tile_avx512::<MT, 2>(scratch, weights, out, tile, y0, v),
-                            (MT, _) => self.tile_avx512::<MT, 1>(scratch, weights, out, tile, y0, v),
-                            (_, NV_SINGLE) => self.tile_avx512::<1, NV_SINGLE>(scratch, weights, out, tile, y0, v),
-                            _ => (v..v + n).for_each(|v| self.tile_avx512::<1, 1>(scratch, weights, out, tile, y0, v)),
+                for t in first..end {
+                    let weights = &group_weights[(t - first) * tile_weights..][..tile_weights];
+                    if tc == MT || n == SINGLE {
+                        tile(tc, n, weights, t, v);
+                    } else {
+                        (v..v + n).for_each(|v| tile(1, 1, weights, t, v));
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn band_avx512(&self, scratch: &[f32], widened: &mut Vec<f32>, out: &SharedOut, y0: usize) {
+        self.band::<16, AVX512_T, AVX512_N, AVX512_SINGLE>(widened, y0, |tc, n, weights, tile, v| {
+            // SAFETY: the caller guarantees AVX-512F.
+            unsafe {
+                match (tc, n) {
+                    (AVX512_T, 3) => self.tile_avx512::<AVX512_T, 3>(scratch, weights, out, tile, y0, v),
+                    (AVX512_T, 2) => self.tile_avx512::<AVX512_T, 2>(scratch, weights, out, tile, y0, v),
+                    (AVX512_T, _) => self.tile_avx512::<AVX512_T, 1>(scratch, weights, out, tile, y0, v),
+                    (_, AVX512_SINGLE) => self.tile_avx512::<1, AVX512_SINGLE>(scratch, weights, out, tile, y0, v),
+                    _ => self.tile_avx512::<1, 1>(scratch, weights, out, tile, y0, v),
+                }
+            }
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn band_avx2(&self, scratch: &[f32], widened: &mut Vec<f32>, out: &SharedOut, y0: usize) {
+        self.band::<8, AVX2_T, AVX2_N, AVX2_SINGLE>(widened, y0, |tc, n, weights, tile, v| {
+            // SAFETY: the caller guarantees AVX2 and FMA, which `tile_arrays` is compiled with
+            // here (it is always inlined).
+            unsafe {
+                match (tc, n) {
+                    (AVX2_T, 2) => self.tile_arrays::<8, AVX2_T, 2>(scratch, weights, out, tile, y0, v),
+                    (AVX2_T, _) => self.tile_arrays::<8, AVX2_T, 1>(scratch, weights, out, tile, y0, v),
+                    (_, AVX2_SINGLE) => self.tile_arrays::<8, 1, AVX2_SINGLE>(scratch, weights, out, tile, y0, v),
+                    _ => self.tile_arrays::<8, 1, 1>(scratch, weights, out, tile, y0, v),
+                }
+            }
+        })
+    }
+
+    /// For a tile of `T` channels by the `N` vectors from band vector `v`: where the vectors
+    /// start in a channel's copy and in an output plane, and how many of their `VL` lanes are
+    /// inside the row. Checks that every load the tile makes stays inside the copy and every
+    /// weight it reads inside `weights`.
+    #[inline(always)]
+    fn vectors<const VL: usize, const T: usize, const N: usize>(
+        &self,
+        scratch: &[f32],
+        weights: &[f32],
+        y0: usize,
+        v: usize,
+    ) -> ([usize; N], [usize; N], [usize; N]) {
+        let [_, _, _, ow] = self.geometry.output;
+        let c: usize = self.geometry.channels.iter().sum();
+        let last_tap = *self.tap_offsets.last().expect("a kernel has taps");
+        let per_row = ow.div_ceil(VL);
+        let mut base = [0usize; N];
+        let mut at = [0usize; N];
+        let mut lanes = [0usize; N];
+        for j in 0..N {
+            let (r, x) = ((v + j) / per_row, ((v + j) % per_row) * VL);
+            base[j] = r * self.band.row_len + x;
+            at[j] = (y0 + r) * ow + x;
+            lanes[j] = (ow - x).min(VL);
+        }
+        assert!((c - 1) * self.band.channel_len + base[N - 1] + last_tap + VL <= scratch.len());
+        assert_eq!(weights.len(), c * self.tap_offsets.len() * T);
+        (base, at, lanes)
+    }
+
+    /// Output channels `tile*T..` for the `N` vectors of `VL` lanes from band vector `v`, in
+    /// plain arrays: the caller's target features decide the vector code.
+    #[inline(always)]
+    unsafe fn tile_arrays<const VL: usize, const T: usize, const N: usize>(
+        &self,
+        scratch: &[f32],
+        weights: &[f32],
+        out: &SharedOut,
+        tile: usize,
+        y0: usize,
+        v: usize,
+    ) {
+        let [_, m, oh, ow] = self.geometry.output;
+        let c: usize = self.geometry.channels.iter().sum();
+        let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights, y0, v);
+        let s = scratch.as_ptr();
+        let mut w = weights.as_ptr();
+        let mut acc = [[[0f32; VL]; N]; T];
+        // SAFETY: bounds checked by `vectors`.
+        unsafe {
+            for ch in 0..c {
+                let channel = s.add(ch * self.band.channel_len);
+                for &off in &self.tap_offsets {
+                    let mut x = [[0f32; VL]; N];
+                    for j in 0..N {
+                        x[j] = channel.add(base[j] + off).cast::<[f32; VL]>().read_unaligned();
+                    }
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let k = *w.add(i);
+                        for j in 0..N {
+                            for l in 0..VL {
+                                acc[j][l] = x[j][l].mul_add(k, acc[j][l]);
+                            }
                         }
                     }
+                    w = w.add(T);
+                }
+            }
+        }
+        let plane = oh * ow;
+        for (i, acc) in acc.iter().enumerate() {
+            let o = tile * T + i;
+            if o >= m {
+                break;
+            }
+            let bias = self.bias[o];
+            for j in 0..N {
+                let mut r = [0f32; VL];
+                for l in 0..VL {
+                    r[l] = acc[j][l] + bias;
+                    if self.geometry.relu {
+                        // As MAXPS(r, 0): zero for NaN and -0 too.
+                        r[l] = if r[l] > 0.0 { r[l] } else { 0.0 };
+                    }
+                }
+                let n = lanes[j];
+                // SAFETY: lanes `at[j]..at[j] + n` are inside output row `(y0 + r)`, which only
+                // this task writes, and inside the residual of the same shape.
+                unsafe {
+                    let dst = std::slice::from_raw_parts_mut(out.0.add(o * plane + at[j]), n);
+                    if self.geometry.residual {
+                        let add = std::slice::from_raw_parts(out.1.add(o * plane + at[j]), n);
+                        for l in 0..n {
+                            r[l] += add[l];
+                        }
+                    }
+                    dst.copy_from_slice(&r[..n]);
                 }
             }
         }
@@ -547,25 +757,12 @@ impl DirectConv {
     ) {
         use std::arch::x86_64::*;
         let [_, m, oh, ow] = self.geometry.output;
-        let per_row = ow.div_ceil(VL);
         let c: usize = self.geometry.channels.iter().sum();
-        let taps = self.tap_offsets.len();
-        let last_tap = *self.tap_offsets.last().expect("a kernel has taps");
-        let mut base = [0usize; N];
-        let mut at = [0usize; N];
-        let mut lanes = [0u16; N];
-        for j in 0..N {
-            let (r, x) = ((v + j) / per_row, ((v + j) % per_row) * VL);
-            base[j] = r * self.band.row_len + x;
-            at[j] = (y0 + r) * ow + x;
-            lanes[j] = u16::MAX >> (VL - (ow - x).min(VL));
-        }
-        // Every load below stays inside the copy and every weight read inside `weights`.
-        assert!((c - 1) * self.band.channel_len + base[N - 1] + last_tap + VL <= scratch.len());
-        assert_eq!(weights.len(), c * taps * T);
+        let (base, at, valid) = self.vectors::<16, T, N>(scratch, weights, y0, v);
+        let lanes = valid.map(|n| u16::MAX >> (16 - n));
         let s = scratch.as_ptr();
         let mut w = weights.as_ptr();
-        // SAFETY: bounds asserted above; the caller guarantees AVX-512F.
+        // SAFETY: bounds checked by `vectors`; the caller guarantees AVX-512F.
         unsafe {
             let mut acc = [[_mm512_setzero_ps(); N]; T];
             for ch in 0..c {
@@ -748,7 +945,7 @@ mod tests {
                 relu: false,
                 residual: false,
             };
-            let op = DirectConv::new(geometry, &vec![0.5; 8 * channels * 9], vec![0.0; 8]);
+            let op = DirectConv::new(Isa::Avx512, geometry, &vec![0.5; 8 * channels * 9], vec![0.0; 8]);
             let copy = channels * op.band.channel_len * 4;
             (op.band.rows_out, op.band.rows, copy)
         };
@@ -763,11 +960,13 @@ mod tests {
     }
 
     /// Shapes that exercise every path: partial vectors, one and three rows per task, tiles of
-    /// 1-3 vectors, output channels past the last full tile, dilation, uneven padding, two inputs.
+    /// 1-3 vectors, output channels past the last full tile, dilation, uneven padding, two inputs;
+    /// on each instruction set this CPU has.
     #[test]
     fn matches_a_plain_convolution() {
-        if !available() {
-            eprintln!("no AVX-512 on this CPU: DirectConv is never used, nothing to test");
+        let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2].into_iter().filter(|i| i.supported()).collect();
+        if isas.is_empty() {
+            eprintln!("neither AVX-512 nor AVX2 on this CPU: DirectConv is never used, nothing to test");
             return;
         }
         struct Case {
@@ -875,48 +1074,50 @@ mod tests {
                 relu,
                 residual,
             };
-            let op = DirectConv::new(geometry, &weights, bias.clone());
-            let added: Vec<f32> = (0..m * oh * ow).map(|_| next()).collect();
-            let mut parts: Vec<&[f32]> = {
-                let mut rest = &source[..];
-                channels
+            for &isa in &isas {
+                let op = DirectConv::new(isa, geometry.clone(), &weights, bias.clone());
+                let added: Vec<f32> = (0..m * oh * ow).map(|_| next()).collect();
+                let mut parts: Vec<&[f32]> = {
+                    let mut rest = &source[..];
+                    channels
+                        .iter()
+                        .map(|n| {
+                            let (part, tail) = rest.split_at(n * scale * h * scale * w);
+                            rest = tail;
+                            part
+                        })
+                        .collect()
+                };
+                if residual {
+                    parts.push(&added);
+                }
+                let mut out = vec![f32::NAN; m * oh * ow];
+                op.run(&parts, &mut out);
+                let mut want = reference(
+                    &input,
+                    c,
+                    [h, w],
+                    &weights,
+                    &bias,
+                    output,
+                    kernel,
+                    dilation,
+                    before,
+                    relu,
+                );
+                if residual {
+                    want.iter_mut().zip(&added).for_each(|(w, a)| *w += a);
+                }
+                let worst = out
                     .iter()
-                    .map(|n| {
-                        let (part, tail) = rest.split_at(n * scale * h * scale * w);
-                        rest = tail;
-                        part
-                    })
-                    .collect()
-            };
-            if residual {
-                parts.push(&added);
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, |acc, d| if d.is_nan() { f32::INFINITY } else { acc.max(d) });
+                assert!(
+                    worst < 1e-4,
+                    "{isa:?} {channels:?} {h}x{w} M{m} k{kernel:?} d{dilation:?} residual {residual}: worst difference {worst}"
+                );
             }
-            let mut out = vec![f32::NAN; m * oh * ow];
-            op.run(&parts, &mut out);
-            let mut want = reference(
-                &input,
-                c,
-                [h, w],
-                &weights,
-                &bias,
-                output,
-                kernel,
-                dilation,
-                before,
-                relu,
-            );
-            if residual {
-                want.iter_mut().zip(&added).for_each(|(w, a)| *w += a);
-            }
-            let worst = out
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, |acc, d| if d.is_nan() { f32::INFINITY } else { acc.max(d) });
-            assert!(
-                worst < 1e-4,
-                "{channels:?} {h}x{w} M{m} k{kernel:?} d{dilation:?} residual {residual}: worst difference {worst}"
-            );
         }
     }
 }

@@ -9,6 +9,7 @@ use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
 use tract_onnx::tract_core::knobs::KnobScope;
 use tract_onnx::tract_hir::infer::Factoid;
 
+use super::conv::Isa;
 use super::{EngineError, Pipeline};
 
 type Plan = Arc<TypedSimplePlan>;
@@ -67,8 +68,8 @@ enum Ops {
     /// Our im2col and resize only (what runs on CPUs without AVX-512).
     #[cfg(test)]
     SameResults,
-    /// All of ours, including the direct convolution (AVX-512 CPUs), which sums in another order.
-    Ours,
+    /// All of ours, including the direct convolution on `isa` (when this CPU has it).
+    Ours(Option<Isa>),
 }
 
 /// An optimised, runnable model, shared by every job: the plan is behind an `Arc`, and its run
@@ -89,7 +90,7 @@ pub struct Model {
 impl Model {
     /// Loads `path`. With `pipeline` unset, it is told from the model's declared input size.
     pub fn load(path: &Path, pipeline: Option<Pipeline>, precision: Precision) -> Result<Model, EngineError> {
-        let model = Self::build(path, pipeline, precision, Ops::Ours);
+        let model = Self::build(path, pipeline, precision, Ops::Ours(Isa::chosen()));
         // Loading passes through ~200 MB (IS-Net) of parsed, widened and repacked weights that
         // are freed by now; the allocator is tuned never to give memory back on its own
         // (main.rs), so hand these pages back once, here.
@@ -155,7 +156,7 @@ impl Model {
             .enter(|| {
                 typed.declutter()?;
                 let direct = match ops {
-                    Ops::Ours => super::conv::direct_convs(&mut typed)?,
+                    Ops::Ours(isa) => super::conv::direct_convs(&mut typed, isa)?,
                     _ => Default::default(),
                 };
                 let geometries = super::ops::conv_geometries(&typed);
@@ -326,47 +327,74 @@ mod tests {
         m.plan.model().nodes.iter().filter(|n| n.op.name() == name).count()
     }
 
-    /// Builds `file` with `ops` and with tract's operators only, checks both give the same soft
-    /// mask bit for bit, and returns them for the caller's structural checks.
-    fn same_mask_as_tract(file: &str, pipeline: Pipeline, ops: Ops) -> (Model, Model) {
+    /// Builds `file` with each of `ops` and with tract's operators only, checks each gives the
+    /// same soft mask as tract bit for bit, and returns them (tract's last) for the caller's
+    /// structural checks.
+    fn same_mask_as_tract(file: &str, pipeline: Pipeline, ops: &[Ops]) -> Vec<Model> {
         use_threads(2);
         let path = mirror().join(file);
-        let ours = Model::build(&path, Some(pipeline), Precision::F32, ops).unwrap();
         let theirs = Model::build(&path, Some(pipeline), Precision::F32, Ops::Tract).unwrap();
         let s = pipeline.input_size() as usize;
         let input = test_input(s);
-        let a = ours.infer(input.clone()).unwrap();
-        let b = theirs.infer(input).unwrap();
-        assert_eq!(a.len(), s * s);
-        let differing = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-        assert_eq!(differing, 0, "outputs differ in {differing} of {} values", a.len());
+        let b = theirs.infer(input.clone()).unwrap();
+        let mut models: Vec<Model> = ops
+            .iter()
+            .map(|&ops| {
+                let ours = Model::build(&path, Some(pipeline), Precision::F32, ops).unwrap();
+                same_mask(&ours.infer(input.clone()).unwrap(), &b, ops);
+                ours
+            })
+            .collect();
+        models.push(theirs);
+        models
+    }
+
+    fn same_mask(a: &[f32], b: &[f32], ops: Ops) {
+        assert_eq!(a.len(), b.len());
+        let differing = a.iter().zip(b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+        assert_eq!(
+            differing,
+            0,
+            "{ops:?}: outputs differ in {differing} of {} values",
+            a.len()
+        );
         let soft = a.iter().filter(|v| **v > 0.01 && **v < 0.99).count();
         assert!(
             soft > a.len() / 4,
             "a real, soft mask: {soft} of {} values in (0.01, 0.99)",
             a.len()
         );
-        (ours, theirs)
     }
 
     /// The direct convolutions run the same multiply-adds in the same order as tract's matrix
     /// kernels (over input channel, then kernel row, then column, bias last), so they too must
-    /// give tract's results bit for bit. `direct` is how many convolutions they take over on an
-    /// AVX-512 CPU, `concats` and `pools` how many concatenations and max pools they then read
-    /// through, `residuals` how many additions they make as they store.
+    /// give tract's results bit for bit, on every instruction set this CPU has. `direct` is how
+    /// many convolutions they take over, `concats` and `pools` how many concatenations and max
+    /// pools they then read through, `residuals` how many additions they make as they store.
     fn direct_convs_match_tract(file: &str, pipeline: Pipeline, [direct, concats, pools, residuals]: [usize; 4]) {
         use tract_onnx::tract_core::ops::array::TypedConcat;
-        let (ours, theirs) = same_mask_as_tract(file, pipeline, Ops::Ours);
+        let isas: Vec<Ops> = [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .filter(|isa| isa.supported())
+            .map(|isa| Ops::Ours(Some(isa)))
+            .collect();
+        if isas.is_empty() {
+            let models = same_mask_as_tract(file, pipeline, &[Ops::Ours(Isa::chosen())]);
+            assert_eq!(count(&models[0], "DirectConv"), 0);
+            return;
+        }
+        let mut models = same_mask_as_tract(file, pipeline, &isas);
+        let theirs = models.pop().expect("tract's model");
         let concat_count = |m: &Model| m.plan.model().nodes.iter().filter(|n| n.op_is::<TypedConcat>()).count();
-        if super::super::conv::available() {
-            assert_eq!(count(&ours, "DirectConv"), direct);
-            assert_eq!(count(&ours, "RowIm2col") + direct, count(&theirs, "LazyIm2col"));
+        for ours in &models {
+            assert_eq!(count(ours, "DirectConv"), direct);
+            assert_eq!(count(ours, "RowIm2col") + direct, count(&theirs, "LazyIm2col"));
             assert_eq!(
-                concat_count(&ours) + concats,
+                concat_count(ours) + concats,
                 concat_count(&theirs),
                 "concats read in place are gone"
             );
-            assert_eq!(count(&ours, "OptMaxPool") + pools, count(&theirs, "OptMaxPool"));
+            assert_eq!(count(ours, "OptMaxPool") + pools, count(&theirs, "OptMaxPool"));
             let adding = ours
                 .plan
                 .model()
@@ -378,9 +406,7 @@ mod tests {
                 })
                 .count();
             assert_eq!(adding, residuals);
-            assert_eq!(count(&ours, "OptAddUnicast"), 0, "every addition is made in place");
-        } else {
-            assert_eq!(count(&ours, "DirectConv"), 0);
+            assert_eq!(count(ours, "OptAddUnicast"), 0, "every addition is made in place");
         }
     }
 
@@ -399,7 +425,8 @@ mod tests {
     fn faster_ops_match_tracts_own(file: &str, pipeline: Pipeline, resizes: usize, convs: usize) {
         use super::super::ops::PlaneResize;
         use tract_onnx::tract_core::ops::array::Pad;
-        let (ours, theirs) = same_mask_as_tract(file, pipeline, Ops::SameResults);
+        let [ours, theirs] = <[Model; 2]>::try_from(same_mask_as_tract(file, pipeline, &[Ops::SameResults]))
+            .unwrap_or_else(|_| unreachable!("ours and tract's"));
         assert_eq!(count(&ours, "PlaneResize"), resizes, "every Resize is swapped");
         assert_eq!(count(&ours, "RowIm2col"), convs, "every im2col convolution is swapped");
         assert_eq!(count(&ours, "LazyIm2col") + count(&ours, "Resize"), 0);

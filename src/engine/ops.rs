@@ -131,7 +131,7 @@ impl Taps {
         let mut blocks = Vec::new();
         let mut offsets = [vec![0; padded], vec![0; padded]];
         let mut weights = [vec![0.0; padded], vec![0.0; padded]];
-        let vector = super::conv::available();
+        let vector = super::conv::avx512();
         for (b, block) in index.chunks(BLOCK).enumerate() {
             let low = block.iter().flatten().min().copied().unwrap_or(0);
             let high = block.iter().flatten().max().copied().unwrap_or(0);
@@ -808,7 +808,7 @@ mod tests {
             let permuted = cols.blocks.iter().all(|b| b.is_some());
             assert_eq!(
                 permuted,
-                to > from && super::super::conv::available(),
+                to > from && super::super::conv::avx512(),
                 "{from} -> {to}: blocks {:?}",
                 cols.blocks
             );

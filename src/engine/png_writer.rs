@@ -421,11 +421,9 @@ fn deflate_block(data: &[u8], row_len: usize) -> Vec<u8> {
 /// header (BFINAL=0, BTYPE=00 and the padding) is one zero byte.
 fn stored(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(data.len() + 5 * (data.len() / 0xFFFF + 1));
-    let mut blocks = data.chunks(0xFFFF).peekable();
-    if blocks.peek().is_none() {
-        out.extend_from_slice(&[0x00, 0x00, 0x00, 0xFF, 0xFF]);
-    }
-    for block in blocks {
+    // A band holds at least one row of at least two bytes, so there is always a block.
+    debug_assert!(!data.is_empty());
+    for block in data.chunks(0xFFFF) {
         let len = block.len() as u16;
         out.push(0);
         out.extend_from_slice(&len.to_le_bytes());
