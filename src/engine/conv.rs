@@ -43,9 +43,13 @@ const AVX512_T: usize = 8;
 const AVX512_N: usize = 3;
 const AVX2_T: usize = 6;
 const AVX2_N: usize = 2;
+const NEON_T: usize = 8;
+const NEON_N: usize = 3;
 /// Vectors per tile when a tile has one output channel (the side outputs' convolutions).
 const AVX512_SINGLE: usize = 8;
 const AVX2_SINGLE: usize = 6;
+#[cfg(target_arch = "aarch64")]
+const NEON_SINGLE: usize = 8;
 /// Weights of the output-channel tiles used together, kept under a quarter of a typical L2.
 const WEIGHT_BUDGET: usize = 256 * 1024;
 /// A task's copy of its input rows, kept with the weights within a typical 1 MB L2 (unless one
@@ -66,23 +70,33 @@ pub fn avx512() -> bool {
 
 /// The instruction set, and so the vector code, a [`DirectConv`] runs.
 ///
-/// - `Avx512`: intrinsics, 16 lanes, tiles of 8 output channels (or 8 vectors of one).
-/// - `Avx2`: 8 lanes, tiles of 4 output channels (or 6 vectors of one). The tile is written
-///   with arrays and `mul_add` in a function compiled for AVX2 and FMA, which the compiler
-///   turns into 256-bit loads and fused multiply-adds; each output is still one chain of
-///   fused multiply-adds in tract's order, so the results are tract's bit for bit.
+/// - `Avx512`: intrinsics, 16 lanes, tiles of 8 output channels x 3 vectors (or 8 vectors of
+///   one channel).
+/// - `Avx2`: 8 lanes, tiles of 6 output channels x 2 vectors (or 6 vectors of one). The tile is
+///   written with arrays and `mul_add` in a function compiled for AVX2 and FMA, which the
+///   compiler turns into 256-bit loads and fused multiply-adds; each output is still one chain
+///   of fused multiply-adds in tract's order, so the results are tract's bit for bit.
+/// - `Neon` (aarch64, opt-in): the same arrays at 4 lanes, tiles of 8 x 3 in 24 of the 32
+///   registers. Checked under emulation only: whether it beats tract's hand-written NEON
+///   kernels on a real board is not measured, so it runs only when asked for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Isa {
     Avx512,
     Avx2,
+    Neon,
 }
 
 impl Isa {
+    /// Every instruction set there is a kernel for, fastest first.
+    #[cfg(test)]
+    pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Neon];
+
     /// Lanes per vector: consecutive output pixels of one row.
     fn lanes(self) -> usize {
         match self {
             Isa::Avx512 => 16,
             Isa::Avx2 => 8,
+            Isa::Neon => 4,
         }
     }
 
@@ -91,32 +105,35 @@ impl Isa {
         match self {
             Isa::Avx512 => [AVX512_T, AVX512_N],
             Isa::Avx2 => [AVX2_T, AVX2_N],
+            Isa::Neon => [NEON_T, NEON_N],
         }
     }
 
     /// Whether this CPU runs it.
     pub fn supported(self) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        {
-            match self {
-                Isa::Avx512 => avx512(),
-                Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            false
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => avx512(),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"),
+            // Every aarch64 CPU has NEON with fused multiply-add.
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
         }
     }
 
     /// The kernel for this CPU, the fastest it supports: None leaves tract's convolutions in
-    /// place. `REMOVEBGD_DIRECT_CONV` (`avx512`, `avx2` or `off`) overrides it, to measure
-    /// one against another; a kernel the CPU lacks is never chosen.
+    /// place. `REMOVEBGD_DIRECT_CONV` (`avx512`, `avx2`, `neon` or `off`) overrides it, to
+    /// measure one against another; NEON runs only when named; a kernel the CPU lacks is never
+    /// chosen.
     pub fn chosen() -> Option<Isa> {
         let wanted = std::env::var("REMOVEBGD_DIRECT_CONV").unwrap_or_default();
         let candidates: &[Isa] = match wanted.as_str() {
             "off" => &[],
             "avx2" => &[Isa::Avx2],
+            "neon" => &[Isa::Neon],
             _ => &[Isa::Avx512, Isa::Avx2],
         };
         candidates.iter().copied().find(|k| k.supported())
@@ -518,13 +535,16 @@ impl DirectConv {
                 self.fill(inputs, rows, y0);
                 // SAFETY: `DirectConv` exists only where its kernel is supported; the copy was
                 // sized and filled for this band; tasks write disjoint output rows.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    match self.isa {
-                        Isa::Avx512 => self.band_avx512(rows, weights, &out, y0),
-                        Isa::Avx2 => self.band_avx2(rows, weights, &out, y0),
-                    }
-                };
+                match self.isa {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => unsafe { self.band_avx512(rows, weights, &out, y0) },
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => unsafe { self.band_avx2(rows, weights, &out, y0) },
+                    #[cfg(target_arch = "aarch64")]
+                    Isa::Neon => unsafe { self.band_neon(rows, weights, &out, y0) },
+                    #[allow(unreachable_patterns)]
+                    other => unreachable!("{other:?} is not supported here, so never built"),
+                }
             })
         });
     }
@@ -635,6 +655,22 @@ impl DirectConv {
                     (AVX2_T, _) => self.tile_arrays::<8, AVX2_T, 1>(scratch, weights, out, tile, y0, v),
                     (_, AVX2_SINGLE) => self.tile_arrays::<8, 1, AVX2_SINGLE>(scratch, weights, out, tile, y0, v),
                     _ => self.tile_arrays::<8, 1, 1>(scratch, weights, out, tile, y0, v),
+                }
+            }
+        })
+    }
+
+    #[cfg(target_arch = "aarch64")]
+    unsafe fn band_neon(&self, scratch: &[f32], widened: &mut Vec<f32>, out: &SharedOut, y0: usize) {
+        self.band::<4, NEON_T, NEON_N, NEON_SINGLE>(widened, y0, |tc, n, weights, tile, v| {
+            // SAFETY: as for this function; NEON and FMA are part of aarch64.
+            unsafe {
+                match (tc, n) {
+                    (NEON_T, 3) => self.tile_arrays::<4, NEON_T, 3>(scratch, weights, out, tile, y0, v),
+                    (NEON_T, 2) => self.tile_arrays::<4, NEON_T, 2>(scratch, weights, out, tile, y0, v),
+                    (NEON_T, _) => self.tile_arrays::<4, NEON_T, 1>(scratch, weights, out, tile, y0, v),
+                    (_, NEON_SINGLE) => self.tile_arrays::<4, 1, NEON_SINGLE>(scratch, weights, out, tile, y0, v),
+                    _ => self.tile_arrays::<4, 1, 1>(scratch, weights, out, tile, y0, v),
                 }
             }
         })
@@ -964,9 +1000,9 @@ mod tests {
     /// on each instruction set this CPU has.
     #[test]
     fn matches_a_plain_convolution() {
-        let isas: Vec<Isa> = [Isa::Avx512, Isa::Avx2].into_iter().filter(|i| i.supported()).collect();
+        let isas: Vec<Isa> = Isa::ALL.into_iter().filter(|i| i.supported()).collect();
         if isas.is_empty() {
-            eprintln!("neither AVX-512 nor AVX2 on this CPU: DirectConv is never used, nothing to test");
+            eprintln!("no instruction set DirectConv has a kernel for: it is never used, nothing to test");
             return;
         }
         struct Case {

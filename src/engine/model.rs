@@ -373,7 +373,7 @@ mod tests {
     /// pools they then read through, `residuals` how many additions they make as they store.
     fn direct_convs_match_tract(file: &str, pipeline: Pipeline, [direct, concats, pools, residuals]: [usize; 4]) {
         use tract_onnx::tract_core::ops::array::TypedConcat;
-        let isas: Vec<Ops> = [Isa::Avx512, Isa::Avx2]
+        let isas: Vec<Ops> = Isa::ALL
             .into_iter()
             .filter(|isa| isa.supported())
             .map(|isa| Ops::Ours(Some(isa)))
