@@ -1,12 +1,13 @@
 //! Direct convolution for stride-1 2-D f32 convolutions on x86-64 CPUs with AVX-512 or AVX2 and
-//! FMA, swapped in for tract's im2col + matrix product before tract optimises the model.
+//! FMA (and, when asked for, aarch64's NEON), swapped in for tract's im2col + matrix product
+//! before tract optimises the model.
 //!
 //! tract 0.23 runs these convolutions as im2col panels fed to a 16x12 matrix kernel; on IS-Net
 //! that reaches about 55% of the cores' FMA peak. [`DirectConv`] instead reads each input row
 //! straight from a small per-thread copy of the rows it needs (zero-padded, so there are no edge
 //! cases in the inner loop) and keeps 8 output channels x 48 pixels in 24 vector accumulators,
 //! which lands at 85-100% of peak on IS-Net's layers (numbers in the README). With AVX2 (16
-//! registers of 8 lanes) a tile is 4 output channels x 24 pixels in 12 accumulators, written as
+//! registers of 8 lanes) a tile is 6 output channels x 16 pixels in 12 accumulators, written as
 //! plain arrays that the compiler turns into the same vector code (see [`Isa`]).
 //!
 //! It also takes over the operators around most of these convolutions:
@@ -24,8 +25,8 @@
 //! then kernel row, then kernel column, from zero, bias added last), so results are bit-identical
 //! to tract's; the model tests check it on both models.
 
-// The kernels are x86-64 only: elsewhere `Isa::chosen()` is None and nothing below is ever
-// built.
+// Each architecture builds only its own kernels (the others' constants and helpers go unused);
+// on an architecture with none, `Isa::chosen()` is None and nothing below is ever built.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
 
 use tract_onnx::prelude::*;
