@@ -40,6 +40,10 @@ use super::ops::nchw_f32;
 
 /// Output channels x vectors per tile, one accumulator each: with AVX-512, 8 x 3 = 24 of the 32
 /// registers; with AVX2, 6 x 2 = 12 of the 16 (the compiler spilled a 4 x 3 tile's).
+/// Lanes per vector: consecutive output pixels of one row.
+const AVX512_LANES: usize = 16;
+const AVX2_LANES: usize = 8;
+const NEON_LANES: usize = 4;
 const AVX512_T: usize = 8;
 const AVX512_N: usize = 3;
 const AVX2_T: usize = 6;
@@ -95,9 +99,9 @@ impl Isa {
     /// Lanes per vector: consecutive output pixels of one row.
     fn lanes(self) -> usize {
         match self {
-            Isa::Avx512 => 16,
-            Isa::Avx2 => 8,
-            Isa::Neon => 4,
+            Isa::Avx512 => AVX512_LANES,
+            Isa::Avx2 => AVX2_LANES,
+            Isa::Neon => NEON_LANES,
         }
     }
 
@@ -630,7 +634,7 @@ impl DirectConv {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn band_avx512(&self, scratch: &[f32], widened: &mut Vec<f32>, out: &SharedOut, y0: usize) {
-        self.band::<16, AVX512_T, AVX512_N, AVX512_SINGLE>(widened, y0, |tc, n, weights, tile, v| {
+        self.band::<AVX512_LANES, AVX512_T, AVX512_N, AVX512_SINGLE>(widened, y0, |tc, n, weights, tile, v| {
             // SAFETY: the caller guarantees AVX-512F.
             unsafe {
                 match (tc, n) {
@@ -647,15 +651,17 @@ impl DirectConv {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn band_avx2(&self, scratch: &[f32], widened: &mut Vec<f32>, out: &SharedOut, y0: usize) {
-        self.band::<8, AVX2_T, AVX2_N, AVX2_SINGLE>(widened, y0, |tc, n, weights, tile, v| {
+        self.band::<AVX2_LANES, AVX2_T, AVX2_N, AVX2_SINGLE>(widened, y0, |tc, n, weights, tile, v| {
             // SAFETY: the caller guarantees AVX2 and FMA, which `tile_arrays` is compiled with
             // here (it is always inlined).
             unsafe {
                 match (tc, n) {
-                    (AVX2_T, 2) => self.tile_arrays::<8, AVX2_T, 2>(scratch, weights, out, tile, y0, v),
-                    (AVX2_T, _) => self.tile_arrays::<8, AVX2_T, 1>(scratch, weights, out, tile, y0, v),
-                    (_, AVX2_SINGLE) => self.tile_arrays::<8, 1, AVX2_SINGLE>(scratch, weights, out, tile, y0, v),
-                    _ => self.tile_arrays::<8, 1, 1>(scratch, weights, out, tile, y0, v),
+                    (AVX2_T, 2) => self.tile_arrays::<AVX2_LANES, AVX2_T, 2>(scratch, weights, out, tile, y0, v),
+                    (AVX2_T, _) => self.tile_arrays::<AVX2_LANES, AVX2_T, 1>(scratch, weights, out, tile, y0, v),
+                    (_, AVX2_SINGLE) => {
+                        self.tile_arrays::<AVX2_LANES, 1, AVX2_SINGLE>(scratch, weights, out, tile, y0, v)
+                    }
+                    _ => self.tile_arrays::<AVX2_LANES, 1, 1>(scratch, weights, out, tile, y0, v),
                 }
             }
         })
@@ -663,15 +669,17 @@ impl DirectConv {
 
     #[cfg(target_arch = "aarch64")]
     unsafe fn band_neon(&self, scratch: &[f32], widened: &mut Vec<f32>, out: &SharedOut, y0: usize) {
-        self.band::<4, NEON_T, NEON_N, NEON_SINGLE>(widened, y0, |tc, n, weights, tile, v| {
+        self.band::<NEON_LANES, NEON_T, NEON_N, NEON_SINGLE>(widened, y0, |tc, n, weights, tile, v| {
             // SAFETY: as for this function; NEON and FMA are part of aarch64.
             unsafe {
                 match (tc, n) {
-                    (NEON_T, 3) => self.tile_arrays::<4, NEON_T, 3>(scratch, weights, out, tile, y0, v),
-                    (NEON_T, 2) => self.tile_arrays::<4, NEON_T, 2>(scratch, weights, out, tile, y0, v),
-                    (NEON_T, _) => self.tile_arrays::<4, NEON_T, 1>(scratch, weights, out, tile, y0, v),
-                    (_, NEON_SINGLE) => self.tile_arrays::<4, 1, NEON_SINGLE>(scratch, weights, out, tile, y0, v),
-                    _ => self.tile_arrays::<4, 1, 1>(scratch, weights, out, tile, y0, v),
+                    (NEON_T, 3) => self.tile_arrays::<NEON_LANES, NEON_T, 3>(scratch, weights, out, tile, y0, v),
+                    (NEON_T, 2) => self.tile_arrays::<NEON_LANES, NEON_T, 2>(scratch, weights, out, tile, y0, v),
+                    (NEON_T, _) => self.tile_arrays::<NEON_LANES, NEON_T, 1>(scratch, weights, out, tile, y0, v),
+                    (_, NEON_SINGLE) => {
+                        self.tile_arrays::<NEON_LANES, 1, NEON_SINGLE>(scratch, weights, out, tile, y0, v)
+                    }
+                    _ => self.tile_arrays::<NEON_LANES, 1, 1>(scratch, weights, out, tile, y0, v),
                 }
             }
         })
@@ -795,8 +803,8 @@ impl DirectConv {
         use std::arch::x86_64::*;
         let [_, m, oh, ow] = self.geometry.output;
         let c: usize = self.geometry.channels.iter().sum();
-        let (base, at, valid) = self.vectors::<16, T, N>(scratch, weights, y0, v);
-        let lanes = valid.map(|n| u16::MAX >> (16 - n));
+        let (base, at, valid) = self.vectors::<AVX512_LANES, T, N>(scratch, weights, y0, v);
+        let lanes = valid.map(|n| u16::MAX >> (AVX512_LANES - n));
         let s = scratch.as_ptr();
         let mut w = weights.as_ptr();
         // SAFETY: bounds checked by `vectors`; the caller guarantees AVX-512F.
