@@ -11,7 +11,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::clock;
 use crate::config::{EngineArgs, ModelStoreArgs, ServeSettings};
-use crate::engine::{Engine, Pipeline, use_threads};
+use crate::engine::{Engine, OutputFormat, Pipeline, use_threads};
 use crate::fetch::{FetchLimits, FetchPolicy, ImageFetcher, local_addresses};
 use crate::http;
 use crate::jobs::{self, Jobs};
@@ -71,12 +71,14 @@ pub fn threads(args: &EngineArgs) -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
 }
 
-/// Resolves, loads and optimises the model; sets tract's thread count first.
-pub fn load_engine(args: &EngineArgs) -> Result<Engine> {
+/// Resolves, loads and optimises the model; sets tract's thread count first. `reserved` is
+/// memory the caller holds outside the engine (the daemon's request bodies), kept out of what
+/// images may use.
+pub fn load_engine(args: &EngineArgs, reserved: u64) -> Result<Engine> {
     use_threads(threads(args));
     let model = resolve_model(args)?;
     let started = std::time::Instant::now();
-    let engine = Engine::load(&model.path, model.pipeline, args.precision, args.max_pixels)?;
+    let mut engine = Engine::load(&model.path, model.pipeline, args.precision, args.max_pixels)?;
     tracing::info!(
         model = %model.label,
         pipeline = ?engine.model().pipeline(),
@@ -85,7 +87,57 @@ pub fn load_engine(args: &EngineArgs) -> Result<Engine> {
         load_ms = started.elapsed().as_millis() as u64,
         "model ready"
     );
+    bound_memory(&mut engine, args, reserved);
     Ok(engine)
+}
+
+/// Memory for the heap, stacks and buffers that are neither the model nor images.
+const HEADROOM: u64 = 32 << 20;
+/// Images may always use this much, whatever the limit: below it nothing useful fits.
+const MIN_IMAGE_MEMORY: u64 = 10_000_000;
+
+/// Gives the images in flight what the memory limit leaves after the loaded model (the
+/// resident set now), its working set, `reserved` and some headroom.
+fn bound_memory(engine: &mut Engine, args: &EngineArgs, reserved: u64) {
+    let held = crate::memory::status_bytes("VmRSS").unwrap_or(0);
+    let limit = match args.memory_limit_mb {
+        Some(mb) => mb.saturating_mul(1_000_000),
+        None => match crate::memory::available(held) {
+            Some(bytes) => bytes,
+            None => return,
+        },
+    };
+    let needed = held + engine.model().pipeline().working_set() + reserved + HEADROOM;
+    let images = limit.saturating_sub(needed);
+    let mb = |b: u64| b / 1_000_000;
+    if images < MIN_IMAGE_MEMORY {
+        tracing::warn!(
+            limit_mb = mb(limit),
+            model_mb = mb(needed),
+            "the memory limit barely holds the model: images get {} MB anyway and the process \
+             may run out of memory; give it more or use a smaller model",
+            mb(MIN_IMAGE_MEMORY)
+        );
+    }
+    engine.bound_memory(images.max(MIN_IMAGE_MEMORY));
+    let (png, webp) = (
+        engine.max_pixels(OutputFormat::Png),
+        engine.max_pixels(OutputFormat::Webp),
+    );
+    tracing::info!(
+        limit_mb = mb(limit),
+        images_mb = mb(engine.image_memory()),
+        max_pixels_png = png,
+        max_pixels_webp = webp,
+        "memory bound"
+    );
+    if webp < args.max_pixels {
+        tracing::warn!(
+            "the memory limit refuses images over {png} pixels for PNG output and {webp} for \
+             WebP (max_pixels is {}): raise memory_limit_mb or free memory to accept more",
+            args.max_pixels
+        );
+    }
 }
 
 /// The database file inside the data directory.
@@ -116,7 +168,9 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
     let store = Store::open(&db_path).with_context(|| format!("opening {}", db_path.display()))?;
     bootstrap(&store, &settings)?;
     status(&format!("loading model {}", settings.engine.model));
-    let engine = Arc::new(load_engine(&settings.engine)?);
+    // Request bodies are held in memory while they arrive and wait.
+    let bodies = (http::MAX_CONCURRENT_UPLOADS * http::PROCESS_BODY_LIMIT) as u64;
+    let engine = Arc::new(load_engine(&settings.engine, bodies)?);
     // Between bursts of requests, hand the activation blocks kept for reuse back to the board.
     crate::memory::release_when_idle(IDLE_RELEASE).context("starting the memory release thread")?;
 

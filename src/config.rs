@@ -74,6 +74,11 @@ pub struct EngineArgs {
     /// Largest accepted input in pixels (width x height), checked before decoding.
     #[arg(long, env = "REMOVEBGD_MAX_PIXELS", default_value_t = DEFAULT_MAX_PIXELS)]
     pub max_pixels: u64,
+    /// Megabytes the process may use in all; images in flight wait for room and images that
+    /// cannot fit are refused [default: what the system has available at start, within the
+    /// control group's limit].
+    #[arg(long, env = "REMOVEBGD_MEMORY_LIMIT_MB")]
+    pub memory_limit_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -253,6 +258,11 @@ pub struct ServeArgs {
     /// Largest accepted input in pixels, checked before decoding [default: 50000000].
     #[arg(long, env = "REMOVEBGD_MAX_PIXELS")]
     pub max_pixels: Option<u64>,
+    /// Megabytes the daemon may use in all; images wait for room, and those that cannot fit are
+    /// refused [default: what the system has available at start, within the control group's
+    /// limit (systemd's MemoryMax=)].
+    #[arg(long, env = "REMOVEBGD_MEMORY_LIMIT_MB")]
+    pub memory_limit_mb: Option<u64>,
 }
 
 /// The effective daemon settings after merging flags, environment, file and defaults.
@@ -472,6 +482,7 @@ impl ServeArgs {
                 threads: self.threads.or(file.threads),
                 precision: self.precision.or(file.precision).unwrap_or(Precision::Auto),
                 max_pixels: self.max_pixels.or(file.max_pixels).unwrap_or(DEFAULT_MAX_PIXELS),
+                memory_limit_mb: self.memory_limit_mb.or(file.memory_limit_mb),
             },
         })
     }
@@ -519,6 +530,7 @@ impl ServeSettings {
             threads: self.engine.threads,
             precision: Some(self.engine.precision),
             max_pixels: Some(self.engine.max_pixels),
+            memory_limit_mb: self.engine.memory_limit_mb,
         };
         let mut out = toml::to_string(&args).expect("plain settings serialise");
         if m.is_some_and(|m| m.password.is_some()) {
@@ -689,6 +701,7 @@ mod tests {
             "fetch_deny",
             "model_mirror",
             "threads",
+            "memory_limit_mb",
             "mqtt_url",
             "mqtt_username",
             "mqtt_password",

@@ -210,6 +210,65 @@ pub fn release_when_idle(quiet: std::time::Duration) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A size field of this process's /proc status (`VmRSS`, `VmHWM`), in bytes.
+pub fn status_bytes(field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    kib_field(&status, field)
+}
+
+/// `Field:   123 kB` from a /proc file, in bytes.
+fn kib_field(text: &str, field: &str) -> Option<u64> {
+    let line = text.lines().find(|l| l.split(':').next() == Some(field))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// How much memory this process may use in all, `held` being what it uses now: what the system
+/// has available plus `held`, and no more than the limit of its control group (systemd's
+/// `MemoryMax=`, a container's memory limit) or of any group above it. `None` without /proc.
+pub fn available(held: u64) -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let system = kib_field(&meminfo, "MemAvailable")?.saturating_add(held);
+    let groups = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let limits = cgroup_limit_files(&groups, std::path::Path::new("/sys/fs/cgroup"))
+        .into_iter()
+        .filter_map(|f| cgroup_limit(&std::fs::read_to_string(f).ok()?));
+    Some(limits.fold(system, u64::min))
+}
+
+/// The memory-limit files that apply to this process, from /proc/self/cgroup: its group's and
+/// every ancestor's `memory.max` (cgroup v2) or `memory.limit_in_bytes` (v1's memory
+/// controller), under `root`.
+fn cgroup_limit_files(proc_cgroup: &str, root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for line in proc_cgroup.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (fields.next(), fields.next(), fields.next()) else {
+            continue;
+        };
+        let (base, file) = if controllers.is_empty() {
+            (root.to_path_buf(), "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (root.join("memory"), "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        let mut dir = base.join(path.trim_start_matches('/'));
+        loop {
+            files.push(dir.join(file));
+            if dir == base || !dir.pop() {
+                break;
+            }
+        }
+    }
+    files
+}
+
+/// A cgroup memory limit in bytes; `None` for none (`max`, or v1's page-rounded 2^63).
+fn cgroup_limit(text: &str) -> Option<u64> {
+    text.trim().parse().ok().filter(|&b: &u64| b < 1 << 60)
+}
+
 /// Whether a block of `layout` gets its own mapping: big, and aligned no more than a page.
 #[inline]
 fn is_big(layout: &Layout) -> bool {
@@ -274,6 +333,52 @@ unsafe impl GlobalAlloc for Allocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::{Path, PathBuf};
+
+    #[test]
+    fn reads_kib_fields_of_proc_files() {
+        let meminfo = "MemTotal:       24684092 kB\nMemFree:        22578548 kB\nMemAvailable:   24226536 kB\n";
+        assert_eq!(kib_field(meminfo, "MemAvailable"), Some(24226536 * 1024));
+        assert_eq!(kib_field(meminfo, "MemAvail"), None);
+        assert!(status_bytes("VmRSS").is_some_and(|b| b > 1 << 20));
+    }
+
+    #[test]
+    fn finds_the_limit_files_of_the_group_and_its_ancestors() {
+        let root = Path::new("/sys/fs/cgroup");
+        let v2 = "0::/system.slice/removebgd.service\n";
+        assert_eq!(
+            cgroup_limit_files(v2, root),
+            [
+                "/sys/fs/cgroup/system.slice/removebgd.service/memory.max",
+                "/sys/fs/cgroup/system.slice/memory.max",
+                "/sys/fs/cgroup/memory.max",
+            ]
+            .map(PathBuf::from)
+        );
+        // A container sees its own group as the root.
+        assert_eq!(
+            cgroup_limit_files("0::/\n", root),
+            [PathBuf::from("/sys/fs/cgroup/memory.max")]
+        );
+        let v1 = "12:cpu,cpuacct:/x\n4:memory:/docker/abc\n1:name=systemd:/docker/abc\n";
+        assert_eq!(
+            cgroup_limit_files(v1, root),
+            [
+                "/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes",
+                "/sys/fs/cgroup/memory/docker/memory.limit_in_bytes",
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            ]
+            .map(PathBuf::from)
+        );
+    }
+
+    #[test]
+    fn parses_cgroup_limits() {
+        assert_eq!(cgroup_limit("536870912\n"), Some(512 << 20));
+        assert_eq!(cgroup_limit("max\n"), None);
+        assert_eq!(cgroup_limit("9223372036854771712\n"), None);
+    }
 
     /// Big blocks come back usable, zeroed when asked, keep their contents across growing and
     /// shrinking (across the size boundary too); freed ones are kept and reused for the same

@@ -394,6 +394,50 @@ async fn keys_missing_unknown_revoked_expired_get_401_and_missing_scopes_403() {
     );
 }
 
+/// A daemon whose memory limit leaves room for about one megapixel refuses a bigger photo with
+/// 422 `image_too_large` and charges nothing, still serves one that fits, and shows the bound
+/// on /metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_photo_over_the_memory_limit_is_refused_and_charges_nothing() {
+    // 1 MB does not even hold the model: images get the 10 MB floor, 1 MP of JPEG to PNG.
+    let d = Daemon::start(5, &["--memory-limit-mb", "1"]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let big =
+        image::open(fixture("chelsea.jpg"))
+            .unwrap()
+            .resize_exact(1400, 1000, image::imageops::FilterType::Triangle);
+    let mut jpeg = Vec::new();
+    big.write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+        .unwrap();
+    let p = "/v1/removebg/process";
+    let (s, h, v) = d.post_json(p, &key, &json!({"image_base64": b64(&jpeg)})).await;
+    assert_eq!(
+        error_code(s, &h, &v, StatusCode::UNPROCESSABLE_ENTITY),
+        "image_too_large"
+    );
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("memory limit allows at most 1000000"),
+        "{v}"
+    );
+    assert_eq!(d.credits("shop"), (0, 0), "the refusal was charged");
+
+    let small = b64(&read(fixture("chelsea.jpg")));
+    let (s, _, v) = d.post_json(p, &key, &json!({"image_base64": small})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let metrics = d.metrics().await;
+    assert!(
+        metrics.contains("removebgd_image_memory_limit_bytes 10000000\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("removebgd_image_memory_reserved_bytes 0\n"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_concurrent_requests_on_ten_credits_charge_exactly_ten() {
     let d = Daemon::start(10, &["--workers", "2", "--rate-limit", "1000", "--rate-burst", "1000"]).await;

@@ -231,3 +231,48 @@ fn crc32(data: &[u8]) -> u32 {
     }
     !crc
 }
+
+/// Under a memory bound that holds one photo's estimate (10 bytes a pixel for an 8-bit RGB
+/// input to PNG, 17 to WebP) but not two, concurrent cutouts take turns and each comes out as it
+/// does unbounded; a photo whose estimate exceeds the bound is refused before it is decoded.
+#[test]
+fn cutouts_over_the_memory_bound_take_turns_and_one_that_cannot_fit_is_refused() {
+    let mut engine = removebgd::engine::Engine::load(
+        &mirror().join("u2netp.onnx"),
+        Some(removebgd::engine::Pipeline::U2netp),
+        removebgd::engine::Precision::Auto,
+        50_000_000,
+    )
+    .unwrap();
+    let photo = encode(&DynamicImage::ImageRgb8(chelsea()), ImageFormat::Jpeg);
+    let pixels = chelsea().width() as u64 * chelsea().height() as u64;
+    engine.bound_memory(pixels * 15);
+    assert_eq!(engine.max_pixels(OutputFormat::Png), pixels * 3 / 2);
+    assert_eq!(engine.max_pixels(OutputFormat::Webp), pixels * 15 / 17);
+
+    let want = u2netp().cut(&photo, &CutOptions::default()).unwrap().bytes;
+    let outputs: Vec<Vec<u8>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| engine.cut(&photo, &CutOptions::default()).unwrap().bytes))
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    assert!(outputs.iter().all(|o| *o == want), "a bounded cutout differs");
+    assert_eq!(engine.image_memory_reserved(), 0, "every reservation was returned");
+
+    let webp = CutOptions {
+        format: OutputFormat::Webp,
+        ..CutOptions::default()
+    };
+    match engine.cut(&photo, &webp) {
+        Err(EngineError::Image(e @ ImageError::OverMemory { .. })) => {
+            assert_eq!(e.code(), "image_too_large");
+            let ImageError::OverMemory { pixels: p, limit, .. } = e else {
+                unreachable!()
+            };
+            assert_eq!((p, limit), (pixels, pixels * 15 / 17));
+        }
+        other => panic!("expected OverMemory, got {:?}", other.map(|c| c.width)),
+    }
+    assert_eq!(engine.image_memory_reserved(), 0);
+}

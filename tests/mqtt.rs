@@ -368,15 +368,7 @@ async fn http_keeps_working_while_the_broker_is_down_and_queued_events_arrive_af
 
 /// The `removebgd_mqtt_connected` sample of the node's /metrics.
 async fn mqtt_connected(d: &Daemon) -> String {
-    let text = d
-        .client
-        .get(d.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = d.metrics().await;
     text.lines()
         .find_map(|l| l.strip_prefix("removebgd_mqtt_connected "))
         .expect("the metric is there when MQTT is configured")

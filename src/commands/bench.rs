@@ -13,8 +13,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     let bytes = std::fs::read(&args.image).with_context(|| format!("reading {}", args.image.display()))?;
     let started = Instant::now();
-    let engine = crate::app::load_engine(&args.engine)?;
+    let engine = crate::app::load_engine(&args.engine, 0)?;
     let load = started.elapsed();
+    let loaded_rss = crate::memory::status_bytes("VmRSS");
     let opts = CutOptions {
         format: args.format,
         size: args.size,
@@ -40,6 +41,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         args.runs
     );
     println!("load_ms={:.0}", ms(load));
+    if let Some(b) = loaded_rss {
+        println!("rss_after_load_mb={:.0}", b as f64 / MIB);
+    }
     let stage = |name: &str, f: fn(&Timings) -> Duration| {
         let mut v: Vec<f64> = runs.iter().map(|t| ms(f(t))).collect();
         v.sort_by(f64::total_cmp);
@@ -56,8 +60,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     stage("postprocess", |t| t.postprocess);
     stage("encode", |t| t.encode);
     stage("total", |t| t.total());
-    match peak_rss_kib() {
-        Some(kib) => println!("peak_rss_mb={:.0}", kib as f64 / 1024.0),
+    match crate::memory::status_bytes("VmHWM") {
+        Some(b) => println!("peak_rss_mb={:.0}", b as f64 / MIB),
         None => println!("peak_rss_mb=unknown"),
     }
     Ok(())
@@ -76,12 +80,7 @@ fn median(sorted: &[f64]) -> f64 {
     }
 }
 
-/// The process's peak resident set (VmHWM), where /proc has it.
-pub fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
+const MIB: f64 = 1024.0 * 1024.0;
 
 #[cfg(test)]
 mod tests {

@@ -29,7 +29,7 @@ pub struct Summary {
 pub fn run(args: CutArgs) -> Result<Summary> {
     let inputs = collect_inputs(&args.inputs)?;
     let (jobs, format) = plan(&inputs, &args.output, args.format)?;
-    let engine = Arc::new(crate::app::load_engine(&args.engine)?);
+    let engine = Arc::new(crate::app::load_engine(&args.engine, 0)?);
     let opts = Arc::new(CutOptions {
         format,
         size: args.size,

@@ -27,6 +27,17 @@ pub enum ImageError {
         pixels: u64,
         limit: u64,
     },
+    #[error(
+        "the image has {pixels} pixels ({width}x{height}); this device's memory limit allows at most {limit} \
+         for {format} output"
+    )]
+    OverMemory {
+        width: u32,
+        height: u32,
+        pixels: u64,
+        limit: u64,
+        format: &'static str,
+    },
     #[error("could not encode the result: {0}")]
     Encode(String),
 }
@@ -37,7 +48,7 @@ impl ImageError {
             ImageError::Empty => "empty_image",
             ImageError::Unsupported(_) => "unsupported_format",
             ImageError::Corrupt(_) => "corrupt_image",
-            ImageError::TooLarge { .. } => "image_too_large",
+            ImageError::TooLarge { .. } | ImageError::OverMemory { .. } => "image_too_large",
             ImageError::Encode(_) => "encode_failed",
         }
     }
@@ -58,9 +69,53 @@ impl Picture {
     }
 }
 
+/// What an input's headers declare.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub width: u32,
+    pub height: u32,
+    /// The decoder's own pixel layout, before conversion to 8-bit RGB.
+    pub color: image::ColorType,
+}
+
+impl Header {
+    pub fn pixels(&self) -> u64 {
+        self.width as u64 * self.height as u64
+    }
+}
+
+/// Reads the headers only, with the same checks as [`decode`].
+pub fn header(bytes: &[u8], max_pixels: u64) -> Result<Header, ImageError> {
+    let decoder = open(bytes, max_pixels)?;
+    let (width, height) = decoder.dimensions();
+    Ok(Header {
+        width,
+        height,
+        color: decoder.color_type(),
+    })
+}
+
 /// Decodes `bytes`, refusing anything but JPEG/PNG/WebP, truncated data, and images over
 /// `max_pixels` (checked from the header, before any pixel buffer is allocated).
 pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Picture, ImageError> {
+    let mut decoder = open(bytes, max_pixels)?;
+    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
+    let img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    let Picture { rgb, alpha } = split_alpha(img);
+    let (w, h) = rgb.dimensions();
+    let (rgb, (w, h)) = orient::<3>(rgb.into_raw(), (w, h), orientation);
+    Ok(Picture {
+        rgb: RgbImage::from_raw(w, h, rgb).expect("rgb buffer matches the image"),
+        alpha: alpha.map(|a| {
+            let (a, (w, h)) = orient::<1>(a.into_raw(), (w, h), orientation);
+            GrayImage::from_raw(w, h, a).expect("alpha buffer matches the image")
+        }),
+    })
+}
+
+/// A decoder for `bytes` that has read the headers: JPEG, PNG or WebP, not cut short (JPEG),
+/// with pixels, and at most `max_pixels` of them.
+fn open(bytes: &[u8], max_pixels: u64) -> Result<impl ImageDecoder + '_, ImageError> {
     if bytes.is_empty() {
         return Err(ImageError::Empty);
     }
@@ -79,7 +134,7 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Picture, ImageError> {
     // Room for a 16-bit RGBA frame of the largest accepted size, plus the codec's own buffers.
     limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
     reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(corrupt)?;
+    let decoder = reader.into_decoder().map_err(corrupt)?;
     let (width, height) = decoder.dimensions();
     let pixels = width as u64 * height as u64;
     if pixels > max_pixels {
@@ -93,18 +148,7 @@ pub fn decode(bytes: &[u8], max_pixels: u64) -> Result<Picture, ImageError> {
     if pixels == 0 {
         return Err(ImageError::Corrupt("the image has no pixels".into()));
     }
-    let orientation = decoder.orientation().unwrap_or(Orientation::NoTransforms);
-    let img = DynamicImage::from_decoder(decoder).map_err(corrupt)?;
-    let Picture { rgb, alpha } = split_alpha(img);
-    let (w, h) = rgb.dimensions();
-    let (rgb, (w, h)) = orient::<3>(rgb.into_raw(), (w, h), orientation);
-    Ok(Picture {
-        rgb: RgbImage::from_raw(w, h, rgb).expect("rgb buffer matches the image"),
-        alpha: alpha.map(|a| {
-            let (a, (w, h)) = orient::<1>(a.into_raw(), (w, h), orientation);
-            GrayImage::from_raw(w, h, a).expect("alpha buffer matches the image")
-        }),
-    })
+    Ok(decoder)
 }
 
 /// Turns an interleaved 8-bit image of `C` channels upright. Phone photos are mostly stored

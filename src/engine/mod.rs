@@ -1,6 +1,7 @@
 //! The segmentation model and everything around it: decode, preprocess, infer, postprocess,
 //! composite, encode. Pure computation; the only I/O is reading model files.
 
+mod budget;
 mod color;
 mod conv;
 pub mod image_io;
@@ -98,6 +99,8 @@ pub struct Cutout {
 pub struct Engine {
     model: Model,
     max_pixels: u64,
+    /// What the images in flight may hold between them (unbounded until [`Engine::bound_memory`]).
+    images: budget::MemoryBudget,
 }
 
 /// Default for the largest accepted input, in pixels (decompression-bomb guard).
@@ -113,7 +116,32 @@ impl Engine {
         Ok(Engine {
             model: Model::load(path, pipeline, precision)?,
             max_pixels,
+            images: budget::MemoryBudget::new(u64::MAX),
         })
+    }
+
+    /// Lets the cutouts in flight hold at most `bytes` between them, by their estimate
+    /// ([`cutout_bytes`]): a cutout waits for room before it decodes, and one that needs more
+    /// than `bytes` on its own is refused (`image_too_large`).
+    pub fn bound_memory(&mut self, bytes: u64) {
+        self.images = budget::MemoryBudget::new(bytes);
+    }
+
+    /// Bytes the cutouts in flight may hold between them.
+    pub fn image_memory(&self) -> u64 {
+        self.images.capacity()
+    }
+
+    /// Bytes the cutouts in flight hold now, by their estimate.
+    pub fn image_memory_reserved(&self) -> u64 {
+        self.images.reserved()
+    }
+
+    /// The largest input a cutout to `format` may have: `--max-pixels`, or less when the
+    /// memory bound is lower (for an 8-bit RGB input such as a JPEG).
+    pub fn max_pixels(&self, format: OutputFormat) -> u64 {
+        self.max_pixels
+            .min(self.images.capacity() / cutout_bytes_per_pixel(image::ColorType::Rgb8, format))
     }
 
     pub fn model(&self) -> &Model {
@@ -122,6 +150,20 @@ impl Engine {
 
     /// Decodes `input`, removes its background and encodes the result.
     pub fn cut(&self, input: &[u8], opts: &CutOptions) -> Result<Cutout, EngineError> {
+        let header = image_io::header(input, self.max_pixels)?;
+        let per_pixel = cutout_bytes_per_pixel(header.color, opts.format);
+        // Reserved here, on the caller's thread: the inference pool's threads must stay free
+        // for the cutouts that hold the memory, or they could not finish and return it.
+        let _memory = self
+            .images
+            .reserve(header.pixels().saturating_mul(per_pixel))
+            .ok_or(ImageError::OverMemory {
+                width: header.width,
+                height: header.height,
+                pixels: header.pixels(),
+                limit: self.images.capacity() / per_pixel,
+                format: opts.format.extension(),
+            })?;
         let mut t = Timings::default();
         let start = Instant::now();
         let picture = on_pool(|| image_io::decode(input, self.max_pixels))?;
@@ -204,6 +246,22 @@ impl Layers<'_> {
             }
         }
     }
+}
+
+/// The most bytes per input pixel a cutout holds at once, an upper bound from how the stages
+/// hand their buffers on (measured peaks are in README.md, Memory):
+/// - decoding: the decoder's frame plus its 8-bit conversion (at most 4 bytes), or an 8-bit
+///   RGBA frame beside its RGB and alpha split, or an RGB frame beside its upright copy;
+/// - encoding: RGB, alpha and mask (5 bytes) plus the output: a PNG (under 5 bytes even when
+///   nothing compresses) or, for WebP, the composed RGBA frame, the encoder's own copy and the
+///   file (12).
+fn cutout_bytes_per_pixel(decoded: image::ColorType, format: OutputFormat) -> u64 {
+    let decode = (decoded.bytes_per_pixel() as u64 + 4).max(8);
+    let output = match format {
+        OutputFormat::Png => 5,
+        OutputFormat::Webp => 12,
+    };
+    decode.max(5 + output)
 }
 
 /// Resizes to `size` with Lanczos3 if it differs; borrows nothing when it doesn't need to.

@@ -154,6 +154,20 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         "Images being processed by the workers now.",
         jobs.pool().running(),
     );
+    metrics::single(
+        &mut out,
+        "removebgd_image_memory_reserved_bytes",
+        "gauge",
+        "Memory reserved by the images being processed now (their estimate, see README: Memory).",
+        jobs.engine().image_memory_reserved(),
+    );
+    metrics::single(
+        &mut out,
+        "removebgd_image_memory_limit_bytes",
+        "gauge",
+        "Memory the images being processed may reserve between them.",
+        jobs.engine().image_memory(),
+    );
 
     metrics::header(
         &mut out,
