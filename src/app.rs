@@ -133,8 +133,9 @@ fn bound_memory(engine: &mut Engine, args: &EngineArgs, reserved: u64) {
     );
     if webp < args.max_pixels {
         tracing::warn!(
-            "the memory limit refuses images over {png} pixels for PNG output and {webp} for \
-             WebP (max_pixels is {}): raise memory_limit_mb or free memory to accept more",
+            "the memory limit caps photos at {png} pixels for PNG output and {webp} for WebP \
+             (max_pixels is {}); larger ones get image_too_large: raise memory_limit_mb or free \
+             memory to accept them",
             args.max_pixels
         );
     }

@@ -39,7 +39,7 @@ impl MemoryBudget {
             return None;
         }
         let mut reserved = self.lock();
-        while *reserved + bytes > self.capacity {
+        while reserved.saturating_add(bytes) > self.capacity {
             reserved = self
                 .freed
                 .wait(reserved)

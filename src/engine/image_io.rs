@@ -243,7 +243,9 @@ fn jpeg_has_end_of_image(b: &[u8]) -> bool {
         let len = u16::from_be_bytes([b[i + 2], b[i + 3]]) as usize;
         if marker == 0xDA {
             let scan = (i + 2 + len).min(b.len());
-            return b[scan..].windows(2).any(|w| w == [0xFF, 0xD9]);
+            // From the end: the marker is normally in the last two bytes, and this runs twice
+            // per input (headers, then decode).
+            return b[scan..].windows(2).rev().any(|w| w == [0xFF, 0xD9]);
         }
         i += 2 + len;
     }

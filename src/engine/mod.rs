@@ -150,7 +150,9 @@ impl Engine {
 
     /// Decodes `input`, removes its background and encodes the result.
     pub fn cut(&self, input: &[u8], opts: &CutOptions) -> Result<Cutout, EngineError> {
+        let start = Instant::now();
         let header = image_io::header(input, self.max_pixels)?;
+        let read_header = start.elapsed();
         let per_pixel = cutout_bytes_per_pixel(header.color, opts.format);
         // Reserved here, on the caller's thread: the inference pool's threads must stay free
         // for the cutouts that hold the memory, or they could not finish and return it.
@@ -167,7 +169,8 @@ impl Engine {
         let mut t = Timings::default();
         let start = Instant::now();
         let picture = on_pool(|| image_io::decode(input, self.max_pixels))?;
-        t.decode = start.elapsed();
+        // Waiting for memory is not decoding; reading the headers is.
+        t.decode = read_header + start.elapsed();
         let layers = self.layers(&picture, opts, &mut t)?;
         let start = Instant::now();
         let bytes = layers.encode(opts)?;
