@@ -36,25 +36,9 @@ echo "# machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d:
 echo "# model: $model  image: $image ($(stat -c %s "$image") bytes)  requests/client: $per_client"
 echo "# daemon: $bin ($("$bin" --version))  load: $(dpkg-query -W -f='apache2-utils ${Version}' apache2-utils 2>/dev/null || echo ab)"
 
-# Throwaway state: its own account with ample credits and a key with just the scopes used here.
-data=$tmp/data
-"$bin" accounts create bench --credits 1000000 --data-dir "$data" >/dev/null
-key=$("$bin" keys create --account bench --scopes removebg:images:process,removebg:quota:read \
-    --data-dir "$data" 2>/dev/null | tail -n1)
-
-# Port 0: the kernel picks a free loopback port, which the daemon logs ("listening", addr).
 # Rate limits raised so that the limiter never answers 429 in place of the engine.
-"$bin" serve --listen 127.0.0.1:0 --data-dir "$data" --model "$model" --log-format json \
-    --rate-limit 100000 --rate-burst 100000 >"$tmp/daemon.log" 2>&1 &
-pid=$!
-addr=
-for _ in $(seq 600); do   # up to 60 s: the first start may fetch and check the model
-    addr=$(sed -n 's/.*"message":"listening","addr":"\([^"]*\)".*/\1/p' "$tmp/daemon.log")
-    [ -n "$addr" ] && curl -sf "http://$addr/healthz" >/dev/null && break
-    kill -0 "$pid" 2>/dev/null || { cat "$tmp/daemon.log" >&2; exit 1; }
-    sleep 0.1
-done
-curl -sf "http://$addr/healthz" >/dev/null || { echo "daemon did not come up" >&2; cat "$tmp/daemon.log" >&2; exit 1; }
+. bench/daemon.sh
+start_daemon --rate-limit 100000 --rate-burst 100000
 url=http://$addr/v1/removebg/process
 
 b64=$(base64 -w0 "$image")

@@ -26,32 +26,22 @@ cleanup() {
     rm -rf "$tmp"
 }
 trap cleanup EXIT
-export REMOVEBGD_DATA_DIR=$tmp/data
-mkdir -p "$REMOVEBGD_DATA_DIR"
-"$bin" accounts create bench --credits 1000 >/dev/null 2>&1
-key=$("$bin" keys create --account bench --scopes removebg:images:process 2>/dev/null | tail -1)
-port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-args=(serve --listen "127.0.0.1:$port" --model "$model" --workers 2)
+args=(--workers 2)
 if [ "$limit" != unset ]; then args+=(--memory-limit-mb "$limit"); fi
-"$bin" "${args[@]}" >"$tmp/log" 2>&1 &
-pid=$!
-for _ in $(seq 600); do
-    if curl -sf "127.0.0.1:$port/healthz" >/dev/null; then break; fi
-    sleep 0.1
-done
-python3 -c 'import base64, json, sys; print(json.dumps({"image_base64": base64.b64encode(open(sys.argv[1], "rb").read()).decode()}))' \
-    "$image" >"$tmp/body.json"
+. bench/daemon.sh
+start_daemon "${args[@]}"
+printf '{"image_base64":"%s"}' "$(base64 -w0 "$image")" >"$tmp/body.json"
 
 start=$(date +%s.%N)
 clients=()
 for i in $(seq "$n"); do
     curl -s -o "$tmp/out$i.json" -w "status %{http_code} after %{time_total} s\n" \
-        -H "X-Api-Key: $key" -H 'Content-Type: application/json' --data-binary "@$tmp/body.json" \
-        "127.0.0.1:$port/v1/removebg/process" &
+        -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
+        --data-binary "@$tmp/body.json" "http://$addr/v1/removebg/process" &
     clients+=($!)
 done
 wait "${clients[@]}"
 end=$(date +%s.%N)
-grep -o 'memory bound.*' "$tmp/log" || true
+grep '"memory bound"' "$tmp/daemon.log" || true
 grep VmHWM "/proc/$pid/status"
 python3 -c "import sys; print(f'wall {float(sys.argv[2]) - float(sys.argv[1]):.2f} s')" "$start" "$end"
