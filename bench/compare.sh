@@ -13,7 +13,7 @@ shared="$(cd .. && pwd)/shared"
 
 if [ "${1:-}" = "--make-12mp" ]; then
     # coffee.png upscaled to 4032x3024-class 12 MP, stored with EXIF orientation 6 like a phone photo
-    python3 - "$shared/testdata/images/coffee.png" "$2" <<'PY'
+    python3 - tests/fixtures/images/coffee.png "$2" <<'PY'
 import sys
 from PIL import Image
 im = Image.open(sys.argv[1]).convert('RGB').resize((4032, 2688), Image.LANCZOS)

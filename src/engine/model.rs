@@ -282,9 +282,7 @@ mod tests {
     use tract_onnx::tract_core::ops::{cast::Cast, konst::Const};
 
     fn mirror() -> std::path::PathBuf {
-        std::env::var_os("REMOVEBGD_MODEL_MIRROR")
-            .map(Into::into)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/models"))
+        crate::provision::checkout_models(&["u2netp", "isnet"]).unwrap()
     }
 
     #[test]

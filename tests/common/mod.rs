@@ -1,4 +1,4 @@
-//! Shared test helpers: where the shared test data and model mirror are, a loaded engine per
+//! Shared test helpers: where the test photos and the models are, a loaded engine per
 //! model, and the built CLI binary.
 #![allow(dead_code)]
 
@@ -8,19 +8,22 @@ use std::sync::OnceLock;
 
 use removebgd::engine::{Engine, Pipeline, Precision};
 
-pub fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared")
-}
-
-/// The model mirror: `$REMOVEBGD_MODEL_MIRROR`, else `../shared/models`.
+/// A folder of model files (u2netp and isnet): the checkout's `models/`, filled once from
+/// `$REMOVEBGD_MODEL_MIRROR` when it is set, else from the registries.
 pub fn mirror() -> PathBuf {
-    std::env::var_os("REMOVEBGD_MODEL_MIRROR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| shared().join("models"))
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| removebgd::provision::checkout_models(&["u2netp", "isnet"]).expect("test models"))
+        .clone()
 }
 
+/// The fidelity photos.
 pub fn images() -> PathBuf {
-    shared().join("testdata/images")
+    fixture("images")
+}
+
+/// The onnxruntime reference mask of fidelity photo `stem` for `model` (file name part).
+pub fn reference(stem: &str, model: &str) -> PathBuf {
+    fixture("reference").join(format!("{stem}.{model}.png"))
 }
 
 pub fn fixture(name: &str) -> PathBuf {
