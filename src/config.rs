@@ -133,6 +133,39 @@ pub enum ModelsCommand {
         #[command(flatten)]
         store: ModelStoreArgs,
     },
+    /// Make a model's int8 calibration table: run the f32 model over calibration photos (and
+    /// composites of their subjects onto their textures), choose each convolution's input range
+    /// and write the table the next build embeds.
+    Calibrate(CalibrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// Model name (see `models list`).
+    #[arg(default_value = "isnet")]
+    pub name: String,
+    /// Folder of calibration photos. Never the fidelity photos: they would make the fidelity
+    /// test meaningless.
+    #[arg(long, default_value = "tests/fixtures/calibration")]
+    pub photos: PathBuf,
+    /// Table to write [default: models/int8/NAME.toml].
+    #[arg(long, short = 'o')]
+    pub out: Option<PathBuf>,
+    /// Layers to keep in f32, by node name (the sensitivity table in the README says which).
+    #[arg(long = "keep-f32", value_delimiter = ',')]
+    pub keep_f32: Vec<String>,
+    /// Also measure each layer's sensitivity: the mask change (mean |diff|, 8-bit levels, on the
+    /// calibration inputs) with that layer alone in int8. Slow: one pass per layer.
+    #[arg(long)]
+    pub sensitivity: bool,
+    /// Whether `--precision auto` picks int8 for this model (only when the fidelity bound holds).
+    #[arg(long)]
+    pub auto: bool,
+    /// Inference threads.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    #[command(flatten)]
+    pub store: ModelStoreArgs,
 }
 
 #[derive(Debug, Args)]

@@ -11,6 +11,7 @@ pub mod jobs;
 pub mod memory;
 pub mod metrics;
 pub mod mqtt;
+pub mod ops;
 pub mod provision;
 pub mod store;
 pub mod systemd;

@@ -5,10 +5,16 @@ mod common;
 use common::*;
 
 fn fidelity(model: &str, reference_name: &str) {
+    fidelity_at(model, reference_name, "f32", 1.0, 1.0);
+}
+
+/// `removebgd cut --precision PRECISION` on every fidelity photo: the mean |diff| from the
+/// reference within `bound`, and at most `flipped`% of the pixels off by more than 32 levels.
+fn fidelity_at(model: &str, reference_name: &str, precision: &str, bound: f64, flipped: f64) {
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
     let status = bin()
-        .args(["cut", "--model", model, "--mask-only", "-o"])
+        .args(["cut", "--model", model, "--precision", precision, "--mask-only", "-o"])
         .arg(&out)
         .arg(images())
         .arg("--models-dir")
@@ -28,11 +34,20 @@ fn fidelity(model: &str, reference_name: &str) {
             .into_luma8();
         assert_eq!(got.dimensions(), want.dimensions(), "{stem}: size");
         let d = mad(got.as_raw(), want.as_raw());
-        println!("fidelity {model} {stem}: mean |diff| = {d:.3}/255");
-        assert!(d <= 1.0, "{model} {stem}: mean abs diff {d:.3} > 1/255");
+        let far = got
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .filter(|(a, b)| (**a as i32 - **b as i32).abs() > 32)
+            .count() as f64
+            * 100.0
+            / got.as_raw().len() as f64;
+        println!("fidelity {model} {precision} {stem}: mean |diff| = {d:.3}/255, {far:.3}% off by more than 32");
+        assert!(d <= bound, "{model} {precision} {stem}: mean abs diff {d:.3} > {bound}/255");
+        assert!(far <= flipped, "{model} {precision} {stem}: {far:.3}% of pixels off by more than 32 levels");
         worst = worst.max(d);
     }
-    println!("fidelity {model}: worst {worst:.3}/255");
+    println!("fidelity {model} {precision}: worst {worst:.3}/255");
 }
 
 #[test]
@@ -43,4 +58,9 @@ fn u2netp_matches_the_reference_masks() {
 #[test]
 fn isnet_matches_the_reference_masks() {
     fidelity("isnet", "isnet-medium");
+}
+
+#[test]
+fn isnet_int8_matches_the_reference_masks() {
+    fidelity_at("isnet", "isnet-medium", "int8", 1.0, 0.5);
 }

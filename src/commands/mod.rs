@@ -2,5 +2,6 @@
 
 pub mod admin;
 pub mod bench;
+pub mod calibrate;
 pub mod cut;
 pub mod models;

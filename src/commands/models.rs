@@ -1,4 +1,4 @@
-//! `removebgd models list|fetch`.
+//! `removebgd models list|fetch|calibrate`.
 
 use anyhow::Result;
 
@@ -50,5 +50,6 @@ pub fn run(cmd: ModelsCommand) -> Result<()> {
             }
             Ok(())
         }
+        ModelsCommand::Calibrate(args) => super::calibrate::run(args),
     }
 }

@@ -3,10 +3,8 @@
 
 mod budget;
 mod color;
-mod conv;
 pub mod image_io;
 mod model;
-mod ops;
 mod png_writer;
 pub mod pool;
 mod prepost;

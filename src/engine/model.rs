@@ -9,31 +9,44 @@ use tract_onnx::tract_core::floats::FloatPrecisionTranslator;
 use tract_onnx::tract_core::knobs::KnobScope;
 use tract_onnx::tract_hir::infer::Factoid;
 
-use super::conv::Isa;
+use crate::ops::calibration::{Histogram, Table};
+use crate::ops::direct_conv::DirectConv;
+use crate::ops::{self, Isa, QIsa};
 use super::{EngineError, Pipeline};
 
 type Plan = Arc<TypedSimplePlan>;
 type PlanState = TypedSimpleState;
 
-/// Floating-point precision the optimised plan computes in.
+/// Numeric precision the optimised plan computes in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
-    /// f32 everywhere for now. f16 on ARMv8.2+ FP16 cores is faster in principle but was only
-    /// seen under emulation, where u2netp's mask landed just outside the fidelity bound
-    /// (1.007/255 mean difference against 1.0), so it stays an explicit choice.
+    /// int8 for a model whose calibration table (`models/int8/`) meets the fidelity bound,
+    /// else f32. f16 on ARMv8.2+ FP16 cores was only seen under emulation, where u2netp's mask
+    /// landed just outside the fidelity bound (1.007/255 against 1.0), so it stays an explicit
+    /// choice.
     Auto,
     F32,
     F16,
+    /// Convolutions in int8 (u8 activations, s8 weights), with the ranges of the model's
+    /// calibration table; the layers the table keeps in f32 and everything else in f32.
+    Int8,
 }
 
 impl Precision {
-    fn resolve(self) -> DatumType {
+    pub fn name(self) -> &'static str {
         match self {
-            Precision::F32 => f32::datum_type(),
-            Precision::F16 => f16::datum_type(),
-            Precision::Auto => f32::datum_type(),
+            Precision::Auto => "auto",
+            Precision::F32 => "f32",
+            Precision::F16 => "f16",
+            Precision::Int8 => "int8",
         }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -68,8 +81,12 @@ enum Ops {
     /// Our im2col and resize only (what runs on CPUs without AVX-512).
     #[cfg(test)]
     SameResults,
-    /// All of ours, including the direct convolution on `isa` (when this CPU has it).
+    /// All of ours, including the direct convolution on `isa` (when this CPU has it), and for
+    /// int8 the int8 convolution on the fastest kernel this CPU has.
     Ours(Option<Isa>),
+    /// All of ours, the int8 convolutions on `QIsa`.
+    #[cfg(test)]
+    Int8(QIsa, Option<Isa>),
 }
 
 /// An optimised, runnable model, shared by every job: the plan is behind an `Arc`, and its run
@@ -77,7 +94,7 @@ enum Ops {
 pub struct Model {
     plan: Plan,
     pipeline: Pipeline,
-    precision: DatumType,
+    precision: Precision,
     /// The one run state (with its scratch buffers), recycled between inferences. Holding its
     /// lock is what makes inferences take turns: each already uses every core, and a second
     /// one at the same time would only double the activation memory (IS-Net: ~220 MB) and
@@ -108,6 +125,54 @@ impl Model {
     /// `load`, with a choice of which of our operators replace tract's (for the tests that
     /// compare them).
     fn build(path: &Path, pipeline: Option<Pipeline>, precision: Precision, ops: Ops) -> Result<Model, EngineError> {
+        Self::build_with(path, pipeline, precision, ops, None)
+    }
+
+    /// The model in int8 with `table` instead of the embedded one (to calibrate and measure).
+    pub fn load_with_table(path: &Path, pipeline: Pipeline, table: Table) -> Result<Model, EngineError> {
+        Self::build_with(path, Some(pipeline), Precision::Int8, Ops::Ours(Isa::chosen()), Some(table))
+    }
+
+    /// The f32 model run on each of `inputs` (preprocessed): per convolution our kernels take
+    /// over (by node name), a histogram of the values it convolves.
+    pub fn calibrate(
+        path: &Path,
+        pipeline: Pipeline,
+        inputs: impl IntoIterator<Item = Vec<f32>>,
+    ) -> Result<std::collections::BTreeMap<String, Histogram>, EngineError> {
+        let model = Self::build(path, Some(pipeline), Precision::F32, Ops::Ours(Isa::chosen()))?;
+        let fail = |e: TractError| EngineError::Inference(format!("{e:#}"));
+        let mut state = model.plan.spawn().map_err(fail)?;
+        let mut histograms = std::collections::BTreeMap::<String, Histogram>::new();
+        let s = pipeline.input_size() as usize;
+        for input in inputs {
+            let tensor: Tensor = tract_ndarray::Array4::from_shape_vec((1, 3, s, s), input)
+                .map_err(|e| EngineError::Inference(format!("input tensor: {e}")))?
+                .into();
+            state
+                .run_plan_with_eval(tvec!(tensor.into_tvalue()), |ctx, op_state, node, inputs| {
+                    if let Some(conv) = node.op_as::<DirectConv>() {
+                        conv.observe(&inputs, histograms.entry(node.name.clone()).or_default())?;
+                    }
+                    tract_onnx::tract_core::plan::eval(ctx, op_state, node, inputs)
+                })
+                .map_err(fail)?;
+        }
+        if histograms.is_empty() {
+            return Err(EngineError::Model(
+                "calibration needs the f32 direct convolutions (AVX2, AVX-512 or NEON); this CPU has none".into(),
+            ));
+        }
+        Ok(histograms)
+    }
+
+    fn build_with(
+        path: &Path,
+        pipeline: Option<Pipeline>,
+        precision: Precision,
+        ops: Ops,
+        table: Option<Table>,
+    ) -> Result<Model, EngineError> {
         let fail = |stage: &str, e: TractError| EngineError::Model(format!("{}: {stage}: {e:#}", path.display()));
         let mut model = tract_onnx::onnx().model_for_path(path).map_err(|e| fail("parse", e))?;
         let pipeline = match pipeline {
@@ -135,11 +200,23 @@ impl Model {
             .map_err(|e| fail("select output", e))?;
 
         let mut typed = model.into_typed().map_err(|e| fail("typing", e))?;
-        let precision = precision.resolve();
-        let (from, to) = if precision == f32::datum_type() {
-            (f16::datum_type(), f32::datum_type())
-        } else {
+        let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        let table = table.or_else(|| Table::embedded(size)).filter(|t| !t.layers.is_empty());
+        let precision = match precision {
+            Precision::Auto if table.as_ref().is_some_and(|t| t.auto) => Precision::Int8,
+            Precision::Auto => Precision::F32,
+            Precision::Int8 if table.is_none() => {
+                return Err(EngineError::Model(format!(
+                    "{}: no int8 calibration table for this model file (models/int8/ has them for the manifest's models); use --precision f32",
+                    path.display()
+                )));
+            }
+            other => other,
+        };
+        let (from, to) = if precision == Precision::F16 {
             (f32::datum_type(), f16::datum_type())
+        } else {
+            (f16::datum_type(), f32::datum_type())
         };
         // Stored f16 (IS-Net medium) runs emulated and slow on x86: widen it before optimising.
         if typed_uses(&typed, from) {
@@ -155,18 +232,22 @@ impl Model {
         let (geometries, direct) = scope
             .enter(|| {
                 typed.declutter()?;
-                let direct = match ops {
-                    Ops::Ours(isa) => super::conv::direct_convs(&mut typed, isa)?,
+                let int8 = table.as_ref().filter(|_| precision == Precision::Int8);
+                let direct = match (ops, int8) {
+                    (Ops::Ours(isa), Some(table)) => ops::quant_convs(&mut typed, table, QIsa::chosen(), int8_f32(isa))?.0,
+                    #[cfg(test)]
+                    (Ops::Int8(qisa, isa), Some(table)) => ops::quant_convs(&mut typed, table, qisa, isa)?.0,
+                    (Ops::Ours(isa), None) => ops::direct_convs(&mut typed, isa)?,
                     _ => Default::default(),
                 };
-                let geometries = super::ops::conv_geometries(&typed);
+                let geometries = ops::conv_geometries(&typed);
                 typed.optimize()?;
                 Ok((geometries, direct))
             })
             .map_err(|e| fail("optimise", e))?;
         if ops != Ops::Tract {
-            let im2col = super::ops::faster_im2col(&mut typed, &geometries).map_err(|e| fail("row im2col", e))?;
-            let resize = super::ops::parallel_resize(&mut typed).map_err(|e| fail("parallel resize", e))?;
+            let im2col = ops::faster_im2col(&mut typed, &geometries).map_err(|e| fail("row im2col", e))?;
+            let resize = ops::parallel_resize(&mut typed).map_err(|e| fail("parallel resize", e))?;
             tracing::debug!(
                 direct_convs = direct.convs,
                 concats_read_in_place = direct.concats,
@@ -190,7 +271,8 @@ impl Model {
         self.pipeline
     }
 
-    pub fn precision(&self) -> DatumType {
+    /// The precision it runs in (never `Auto`).
+    pub fn precision(&self) -> Precision {
         self.precision
     }
 
@@ -234,6 +316,13 @@ impl Model {
         }
         Ok(values.to_vec())
     }
+}
+
+/// The f32 kernel for the layers an int8 model keeps in f32: the chosen one, or on aarch64 the
+/// NEON one even when not asked for, since its results are the x86 kernels' bit for bit and
+/// tract's own NEON kernels' are not known to be.
+fn int8_f32(isa: Option<Isa>) -> Option<Isa> {
+    isa.or_else(|| (cfg!(target_arch = "aarch64") && Isa::Neon.supported()).then_some(Isa::Neon))
 }
 
 /// Replaces every float `Cast` of a float `Const` (the translator leaves each stored f16 weight
@@ -399,7 +488,7 @@ mod tests {
                 .nodes
                 .iter()
                 .filter(|n| {
-                    n.op_as::<super::super::conv::DirectConv>()
+                    n.op_as::<crate::ops::direct_conv::DirectConv>()
                         .is_some_and(|c| c.adds_residual())
                 })
                 .count();
@@ -421,7 +510,7 @@ mod tests {
     /// Our im2col, Resize and Pad (all that runs without AVX-512) must give tract's own results
     /// bit for bit, on the real models.
     fn faster_ops_match_tracts_own(file: &str, pipeline: Pipeline, resizes: usize, convs: usize) {
-        use super::super::ops::PlaneResize;
+        use crate::ops::PlaneResize;
         use tract_onnx::tract_core::ops::array::Pad;
         let [ours, theirs] = <[Model; 2]>::try_from(same_mask_as_tract(file, pipeline, &[Ops::SameResults]))
             .unwrap_or_else(|_| unreachable!("ours and tract's"));

@@ -36,7 +36,7 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, MaxPool};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use super::ops::nchw_f32;
+use super::{avx512, nchw_f32};
 
 /// Output channels x vectors per tile, one accumulator each: with AVX-512, 8 x 3 = 24 of the 32
 /// registers; with AVX2, 6 x 2 = 12 of the 16 (the compiler spilled a 4 x 3 tile's).
@@ -60,18 +60,6 @@ const WEIGHT_BUDGET: usize = 256 * 1024;
 /// A task's copy of its input rows, kept with the weights within a typical 1 MB L2 (unless one
 /// output row alone needs more).
 const BAND_BUDGET: usize = 768 * 1024;
-
-/// Whether this CPU has AVX-512F (for the resize kernels in `ops.rs` too).
-pub fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
 
 /// The instruction set, and so the vector code, a [`DirectConv`] runs.
 ///
@@ -158,19 +146,50 @@ pub struct Replaced {
 /// pool that only feeds it, and the Relu and residual Add that only follow it) with one
 /// [`DirectConv`] running on `isa`. Does nothing without one.
 pub fn direct_convs(model: &mut TypedModel, isa: Option<Isa>) -> TractResult<Replaced> {
-    let mut replaced = Replaced::default();
     let Some(isa) = isa.filter(|k| k.supported()) else {
-        return Ok(replaced);
+        return Ok(Replaced::default());
     };
+    replace_convs(model, |_, spec| Some(Box::new(DirectConv::new(isa, spec.geometry, spec.weights, spec.bias))))
+}
+
+/// A convolution matched with the operators it takes over: what it computes, before a kernel
+/// packs it.
+pub(crate) struct ConvSpec<'a> {
+    pub geometry: Geometry,
+    /// [M][C][KH][KW], C over every input in concatenation order.
+    pub weights: &'a [f32],
+    /// One per output channel.
+    pub bias: Vec<f32>,
+}
+
+/// Matches each stride-1 f32 convolution (with its concat or pool, Relu and residual, see
+/// [`direct_convs`]) and replaces it with the operator `build` makes for the convolution's node
+/// name, which reads the matched inputs (the convolved ones, then the residual); a convolution
+/// `build` gives nothing for is left to tract.
+pub(crate) fn replace_convs(
+    model: &mut TypedModel,
+    mut build: impl FnMut(&str, ConvSpec) -> Option<Box<dyn TypedOp>>,
+) -> TractResult<Replaced> {
+    let mut replaced = Replaced::default();
     let convs: Vec<usize> = model.nodes.iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
     // One patch per convolution: a later one may read what an earlier one rewired.
     for id in convs {
-        let Some((op, sources, last)) = DirectConv::for_node(isa, model, model.node(id))? else {
+        let Some((geometry, weights, bias, sources, last)) = match_conv(model, model.node(id))? else {
+            continue;
+        };
+        let (concat, residual) = (geometry.channels.len() > 1, geometry.residual);
+        let weights = weights.try_as_plain_ram()?;
+        let spec = ConvSpec {
+            geometry,
+            weights: weights.as_slice::<f32>()?,
+            bias,
+        };
+        let Some(op) = build(&model.node(id).name, spec) else {
             continue;
         };
         replaced.convs += 1;
-        replaced.concats += usize::from(op.geometry.channels.len() > 1);
-        replaced.residuals += usize::from(op.geometry.residual);
+        replaced.concats += usize::from(concat);
+        replaced.residuals += usize::from(residual);
         let mut patch = TypedModelPatch::new("direct convolution");
         let taps = sources
             .iter()
@@ -182,6 +201,121 @@ pub fn direct_convs(model: &mut TypedModel, isa: Option<Isa>) -> TractResult<Rep
     }
     model.compact()?;
     Ok(replaced)
+}
+
+/// The `Conv` at `node` matched with what it takes over: its geometry, weights ([M][C][KH][KW])
+/// and bias, the outlets it reads (the convolved ones, then the residual) and the node whose
+/// output it replaces (the Relu or Add when fused); None when it does not apply.
+#[allow(clippy::type_complexity)]
+fn match_conv(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(Geometry, Tensor, Vec<f32>, TVec<OutletId>, usize)>> {
+    let Some(conv) = node.op_as::<Conv>() else {
+        return Ok(None);
+    };
+    let spec = &conv.pool_spec;
+    if conv.group != 1
+        || conv.q_params.is_some()
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.data_format != DataFormat::NCHW
+        || spec.kernel_shape.len() != 2
+        || spec.strides().iter().any(|s| *s != 1)
+        || node.inputs.len() != 3
+    {
+        return Ok(None);
+    }
+    let Some([1, c, h, w]) = nchw_f32(model.outlet_fact(node.inputs[0])?) else {
+        return Ok(None);
+    };
+    let Some(output @ [1, m, oh, ow]) = nchw_f32(model.outlet_fact(OutletId::new(node.id, 0))?) else {
+        return Ok(None);
+    };
+    let kernel = [spec.kernel_shape[0], spec.kernel_shape[1]];
+    let dilation = [spec.dilation(0), spec.dilation(1)];
+    let padding = spec.computed_padding(&[h, w]);
+    if padding[0].convoluted != oh || padding[1].convoluted != ow {
+        return Ok(None);
+    }
+    let pad = [padding[0].pad_before, padding[1].pad_before];
+    let (Some(weights), Some(bias)) = (
+        model.outlet_fact(node.inputs[1])?.konst.clone(),
+        model.outlet_fact(node.inputs[2])?.konst.clone(),
+    ) else {
+        return Ok(None);
+    };
+    if weights.shape() != [m, c, kernel[0], kernel[1]] || !(bias.len() == m || bias.len() == 1) {
+        return Ok(None);
+    }
+    let weights = weights.cast_to::<f32>()?;
+    let bias = bias.cast_to::<f32>()?;
+    let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let bias = if bias.len() == 1 { vec![bias[0]; m] } else { bias };
+
+    // Read the concatenated tensors directly when this convolution is the concat's only reader.
+    let mut sources: TVec<OutletId> = tvec!(node.inputs[0]);
+    let producer = model.node(node.inputs[0].node);
+    if let Some(concat) = producer.op_as::<TypedConcat>()
+        && concat.axis == 1
+        && producer.outputs[0].successors.len() == 1
+    {
+        let parts = producer
+            .inputs
+            .iter()
+            .map(|i| Ok(nchw_f32(model.outlet_fact(*i)?)))
+            .collect::<TractResult<Vec<_>>>()?;
+        if parts
+            .iter()
+            .all(|p| matches!(p, Some([1, _, ph, pw]) if *ph == h && *pw == w))
+        {
+            sources = producer.inputs.iter().copied().collect();
+        }
+    }
+    // Or pool the input while copying it, when this convolution is the pool's only reader.
+    let mut pooled = false;
+    if let [source] = sources[..] {
+        let producer = model.node(source.node);
+        if let Some(pool) = producer.op_as::<MaxPool>()
+            && producer.outputs[0].successors.len() == 1
+            && is_plain_2x2_pool(pool, nchw_f32(model.outlet_fact(producer.inputs[0])?), [h, w])
+        {
+            sources = tvec!(producer.inputs[0]);
+            pooled = true;
+        }
+    }
+    let channels = sources
+        .iter()
+        .map(|s| Ok(nchw_f32(model.outlet_fact(*s)?).map_or(0, |shape| shape[1])))
+        .collect::<TractResult<Vec<_>>>()?;
+
+    let mut last = node.id;
+    let mut relu = false;
+    if let [succ] = &node.outputs[0].successors[..]
+        && is_relu_of(model, model.node(succ.node), OutletId::new(node.id, 0))?
+    {
+        last = succ.node;
+        relu = true;
+    }
+    let mut residual = false;
+    if let [succ] = &model.node(last).outputs[0].successors[..]
+        && let Some(other) = residual_of(model, model.node(succ.node), OutletId::new(last, 0), output)?
+    {
+        last = succ.node;
+        residual = true;
+        sources.push(other);
+    }
+    let geometry = Geometry {
+        channels,
+        input: [h, w],
+        pooled,
+        output,
+        kernel,
+        dilation,
+        pad,
+        relu,
+        residual,
+    };
+    Ok(Some((geometry, weights.into_owned(), bias, sources, last)))
 }
 
 /// Whether `pool` is a 2x2 max pool, stride 2, no padding, from an f32 NCHW `input` of exactly
@@ -243,22 +377,22 @@ fn is_relu_of(model: &TypedModel, node: &TypedNode, input: OutletId) -> TractRes
 
 /// What a [`DirectConv`] computes.
 #[derive(Debug, Clone, PartialEq)]
-struct Geometry {
+pub(crate) struct Geometry {
     /// Channels of each input, in concatenation order.
-    channels: Vec<usize>,
+    pub channels: Vec<usize>,
     /// Input height and width.
-    input: [usize; 2],
+    pub input: [usize; 2],
     /// Whether the one input is read through a 2x2, stride-2 max pool (so it is 2H x 2W).
-    pooled: bool,
+    pub pooled: bool,
     /// [1, M, OH, OW].
-    output: [usize; 4],
-    kernel: [usize; 2],
-    dilation: [usize; 2],
+    pub output: [usize; 4],
+    pub kernel: [usize; 2],
+    pub dilation: [usize; 2],
     /// Zero padding before the first row and column (the after side follows from the output).
-    pad: [usize; 2],
-    relu: bool,
+    pub pad: [usize; 2],
+    pub relu: bool,
     /// Whether a tensor of the output's shape is added (after the Relu): the last input.
-    residual: bool,
+    pub residual: bool,
 }
 
 /// A stride-1, group-1 NCHW f32 convolution with its bias, optional Relu, and one or more inputs
@@ -330,122 +464,8 @@ struct Band {
 }
 
 impl DirectConv {
-    /// The replacement for the `Conv` at `node`, the outlets it reads and the node whose output
-    /// it replaces (the Relu or Add when fused), or None when it does not apply.
-    fn for_node(
-        isa: Isa,
-        model: &TypedModel,
-        node: &TypedNode,
-    ) -> TractResult<Option<(DirectConv, TVec<OutletId>, usize)>> {
-        let Some(conv) = node.op_as::<Conv>() else {
-            return Ok(None);
-        };
-        let spec = &conv.pool_spec;
-        if conv.group != 1
-            || conv.q_params.is_some()
-            || conv.kernel_fmt != KernelFormat::OIHW
-            || spec.data_format != DataFormat::NCHW
-            || spec.kernel_shape.len() != 2
-            || spec.strides().iter().any(|s| *s != 1)
-            || node.inputs.len() != 3
-        {
-            return Ok(None);
-        }
-        let Some([1, c, h, w]) = nchw_f32(model.outlet_fact(node.inputs[0])?) else {
-            return Ok(None);
-        };
-        let Some(output @ [1, m, oh, ow]) = nchw_f32(model.outlet_fact(OutletId::new(node.id, 0))?) else {
-            return Ok(None);
-        };
-        let kernel = [spec.kernel_shape[0], spec.kernel_shape[1]];
-        let dilation = [spec.dilation(0), spec.dilation(1)];
-        let padding = spec.computed_padding(&[h, w]);
-        if padding[0].convoluted != oh || padding[1].convoluted != ow {
-            return Ok(None);
-        }
-        let pad = [padding[0].pad_before, padding[1].pad_before];
-        let (Some(weights), Some(bias)) = (
-            model.outlet_fact(node.inputs[1])?.konst.clone(),
-            model.outlet_fact(node.inputs[2])?.konst.clone(),
-        ) else {
-            return Ok(None);
-        };
-        if weights.shape() != [m, c, kernel[0], kernel[1]] || !(bias.len() == m || bias.len() == 1) {
-            return Ok(None);
-        }
-        let weights = weights.cast_to::<f32>()?;
-        let bias = bias.cast_to::<f32>()?;
-        let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
-        let bias = if bias.len() == 1 { vec![bias[0]; m] } else { bias };
 
-        // Read the concatenated tensors directly when this convolution is the concat's only reader.
-        let mut sources: TVec<OutletId> = tvec!(node.inputs[0]);
-        let producer = model.node(node.inputs[0].node);
-        if let Some(concat) = producer.op_as::<TypedConcat>()
-            && concat.axis == 1
-            && producer.outputs[0].successors.len() == 1
-        {
-            let parts = producer
-                .inputs
-                .iter()
-                .map(|i| Ok(nchw_f32(model.outlet_fact(*i)?)))
-                .collect::<TractResult<Vec<_>>>()?;
-            if parts
-                .iter()
-                .all(|p| matches!(p, Some([1, _, ph, pw]) if *ph == h && *pw == w))
-            {
-                sources = producer.inputs.iter().copied().collect();
-            }
-        }
-        // Or pool the input while copying it, when this convolution is the pool's only reader.
-        let mut pooled = false;
-        if let [source] = sources[..] {
-            let producer = model.node(source.node);
-            if let Some(pool) = producer.op_as::<MaxPool>()
-                && producer.outputs[0].successors.len() == 1
-                && is_plain_2x2_pool(pool, nchw_f32(model.outlet_fact(producer.inputs[0])?), [h, w])
-            {
-                sources = tvec!(producer.inputs[0]);
-                pooled = true;
-            }
-        }
-        let channels = sources
-            .iter()
-            .map(|s| Ok(nchw_f32(model.outlet_fact(*s)?).map_or(0, |shape| shape[1])))
-            .collect::<TractResult<Vec<_>>>()?;
-
-        let mut last = node.id;
-        let mut relu = false;
-        if let [succ] = &node.outputs[0].successors[..]
-            && is_relu_of(model, model.node(succ.node), OutletId::new(node.id, 0))?
-        {
-            last = succ.node;
-            relu = true;
-        }
-        let mut residual = false;
-        if let [succ] = &model.node(last).outputs[0].successors[..]
-            && let Some(other) = residual_of(model, model.node(succ.node), OutletId::new(last, 0), output)?
-        {
-            last = succ.node;
-            residual = true;
-            sources.push(other);
-        }
-        let geometry = Geometry {
-            channels,
-            input: [h, w],
-            pooled,
-            output,
-            kernel,
-            dilation,
-            pad,
-            relu,
-            residual,
-        };
-        let op = DirectConv::new(isa, geometry, weights.try_as_plain_ram()?.as_slice::<f32>()?, bias);
-        Ok(Some((op, sources, last)))
-    }
-
-    fn new(isa: Isa, geometry: Geometry, weights: &[f32], bias: Vec<f32>) -> DirectConv {
+    pub(crate) fn new(isa: Isa, geometry: Geometry, weights: &[f32], bias: Vec<f32>) -> DirectConv {
         let Geometry {
             ref channels,
             output,
@@ -516,6 +536,34 @@ impl DirectConv {
         }
     }
 
+    /// Adds the values it convolves (its inputs after the max pool it reads through, not the
+    /// residual) to `histogram`.
+    pub fn observe(&self, inputs: &[TValue], histogram: &mut super::calibration::Histogram) -> TractResult<()> {
+        let g = &self.geometry;
+        let [h, w] = g.input;
+        for input in &inputs[..g.channels.len()] {
+            let view = input.try_as_plain_ram()?;
+            let values = view.as_slice::<f32>()?;
+            if g.pooled {
+                for plane in values.chunks_exact(4 * h * w) {
+                    for y in 0..h {
+                        let (above, below) = plane[4 * y * w..][..4 * w].split_at(2 * w);
+                        histogram.add((0..w).map(|x| {
+                            f32::MIN
+                                .max(above[2 * x])
+                                .max(above[2 * x + 1])
+                                .max(below[2 * x])
+                                .max(below[2 * x + 1])
+                        }));
+                    }
+                }
+            } else {
+                histogram.add(values.iter().copied());
+            }
+        }
+        Ok(())
+    }
+
     /// Whether it adds a residual to its output.
     #[cfg(test)]
     pub fn adds_residual(&self) -> bool {
@@ -533,7 +581,7 @@ impl DirectConv {
             (inputs, std::ptr::null())
         };
         let out = SharedOut(out.as_mut_ptr(), residual);
-        super::ops::par_for(oh.div_ceil(self.band.rows_out), |task| {
+        super::par_for(oh.div_ceil(self.band.rows_out), |task| {
             SCRATCH.with(|scratch| {
                 let Scratch { rows, weights } = &mut *scratch.borrow_mut();
                 let y0 = task * self.band.rows_out;

@@ -1,0 +1,128 @@
+//! The model's operators: our kernels for tract's plan, and the surgery that swaps them in.
+//!
+//! - [`direct_conv`]: stride-1 f32 convolutions computed straight from the input rows, with the
+//!   concatenation or max pool before them and the Relu and residual addition after them;
+//! - [`resize`]: bilinear `Resize` split by image plane;
+//! - [`quant_conv`]: the same convolutions in int8, with ranges from [`calibration`];
+//! - [`resize`]: bilinear `Resize` split by image plane;
+//! - [`im2col`]: the packing in front of tract's own matrix products, from runs of pixels.
+//!
+//! The f32 operators compute exactly what tract's own operators compute (same taps, same weights,
+//! same order of operations), so outputs are bit-identical to tract's; the model tests check it
+//! on both models. The int8 convolutions compute exact integer sums and one fixed order of float
+//! operations on every instruction set, so their outputs are bit-identical across CPUs. The image pipeline around the model (codecs, pre/post-processing) is `engine`'s.
+
+pub mod calibration;
+pub mod direct_conv;
+pub mod im2col;
+pub mod quant_conv;
+pub mod resize;
+
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::ensure;
+
+pub use direct_conv::{Isa, direct_convs};
+pub use quant_conv::QIsa;
+pub use im2col::{conv_geometries, faster_im2col};
+pub use resize::{PlaneResize, parallel_resize};
+
+/// Replaces each node for which `build` gives an operator and the outlet it reads with that
+/// operator (keeping the node's name), in one patch. Returns how many nodes were replaced.
+pub(crate) fn swap_nodes(
+    model: &mut TypedModel,
+    name: &str,
+    mut build: impl FnMut(&TypedModel, &TypedNode) -> TractResult<Option<(Box<dyn TypedOp>, OutletId)>>,
+) -> TractResult<usize> {
+    let mut patch = TypedModelPatch::new(name);
+    let mut replaced = 0;
+    for node in &model.nodes {
+        let Some((op, source)) = build(model, node)? else {
+            continue;
+        };
+        let input = patch.tap_model(model, source)?;
+        let wire = patch.wire_node(&node.name, op, &[input])?[0];
+        patch.shunt_outside(model, OutletId::new(node.id, 0), wire)?;
+        replaced += 1;
+    }
+    patch.apply(model)?;
+    Ok(replaced)
+}
+
+/// Concrete NCHW f32 shape of an outlet, or None.
+pub(crate) fn nchw_f32(fact: &TypedFact) -> Option<[usize; 4]> {
+    if fact.datum_type != f32::datum_type() {
+        return None;
+    }
+    let shape = fact.shape.as_concrete()?;
+    <[usize; 4]>::try_from(shape).ok()
+}
+
+/// Runs `f(0..n)`, on tract's thread pool when it has one.
+pub(crate) fn par_for(n: usize, f: impl Fn(usize) + Sync + Send) {
+    use rayon::prelude::*;
+    match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool) => pool.install(|| (0..n).into_par_iter().for_each(f)),
+        _ => (0..n).for_each(f),
+    }
+}
+
+/// Runs `f(plane_index, plane)` over the `planes` equal chunks of `out`, on tract's thread pool
+/// when it has one.
+pub(crate) fn for_each_plane(out: &mut [f32], plane_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+    use rayon::prelude::*;
+    match tract_linalg::multithread::current_tract_executor() {
+        tract_linalg::multithread::Executor::MultiThread(pool) => pool.install(|| {
+            out.par_chunks_mut(plane_len)
+                .enumerate()
+                .for_each(|(i, plane)| f(i, plane))
+        }),
+        _ => out.chunks_mut(plane_len).enumerate().for_each(|(i, plane)| f(i, plane)),
+    }
+}
+
+/// Replaces each convolution `table` has an int8 entry for with a [`QuantConv`] on `qisa`, and
+/// the others with a [`DirectConv`] on `isa` (when there is one). Fails when the table names a
+/// convolution the model does not have: it was made for another model.
+///
+/// [`QuantConv`]: quant_conv::QuantConv
+/// [`DirectConv`]: direct_conv::DirectConv
+pub fn quant_convs(
+    model: &mut TypedModel,
+    table: &calibration::Table,
+    qisa: QIsa,
+    isa: Option<Isa>,
+) -> TractResult<(direct_conv::Replaced, usize)> {
+    let mut quantised = 0;
+    let isa = isa.filter(|k| k.supported());
+    let replaced = direct_conv::replace_convs(model, |name, spec| match table.layers.get(name) {
+        Some(layer) if layer.int8 => {
+            quantised += 1;
+            Some(Box::new(quant_conv::QuantConv::new(
+                qisa,
+                spec.geometry,
+                spec.weights,
+                spec.bias,
+                layer.quant(),
+            )))
+        }
+        _ => isa.map(|isa| Box::new(direct_conv::DirectConv::new(isa, spec.geometry, spec.weights, spec.bias)) as _),
+    })?;
+    let wanted = table.layers.values().filter(|l| l.int8).count();
+    ensure!(
+        quantised == wanted,
+        "the int8 calibration table names {wanted} convolutions, {quantised} of them found in this model"
+    );
+    Ok((replaced, quantised))
+}
+
+/// Whether this CPU has AVX-512F.
+pub fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
