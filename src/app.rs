@@ -82,7 +82,7 @@ pub fn load_engine(args: &EngineArgs, reserved: u64) -> Result<Engine> {
     tracing::info!(
         model = %model.label,
         pipeline = ?engine.model().pipeline(),
-        precision = ?engine.model().precision(),
+        precision = %engine.model().precision(),
         threads = threads(args),
         load_ms = started.elapsed().as_millis() as u64,
         "model ready"
@@ -185,6 +185,7 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
     )?;
     let store_handle = store.clone();
     let model_label = settings.engine.model.clone();
+    let precision = engine.model().precision().name().to_owned();
     let jobs = Jobs::new(
         engine,
         settings.workers,
@@ -235,6 +236,7 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
             public_url: settings.public_url.clone(),
             fallback_url: fallback.clone(),
             model: model_label.clone(),
+            precision: precision.clone(),
             requests: Arc::new(http::RequestMetrics::default()),
             mqtt: Arc::clone(&link),
             draining: draining.clone(),
@@ -249,6 +251,7 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
                     account_id,
                     base_url: settings.public_url.clone().unwrap_or(fallback),
                     model: model_label.clone(),
+                    precision: precision.clone(),
                     link,
                 },
                 stop.clone(),
@@ -262,7 +265,7 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
             .clone()
             .zip(systemd::watchdog_interval())
             .map(|(notifier, every)| tokio::spawn(watchdog(notifier, jobs.clone(), every)));
-        let ready = format!("serving on {bound} with model {model_label}");
+        let ready = format!("serving on {bound} with model {model_label} ({precision})");
         if let Some(n) = &systemd {
             n.ready(&ready);
         }

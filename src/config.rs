@@ -158,6 +158,9 @@ pub struct CalibrateArgs {
     /// calibration inputs) with that layer alone in int8. Slow: one pass per layer.
     #[arg(long)]
     pub sensitivity: bool,
+    /// How each range is chosen from the values seen.
+    #[arg(long, value_enum, default_value_t = crate::ops::calibration::Method::Mse)]
+    pub method: crate::ops::calibration::Method,
     /// Whether `--precision auto` picks int8 for this model (only when the fidelity bound holds).
     #[arg(long)]
     pub auto: bool,

@@ -39,6 +39,8 @@ pub struct MqttContext {
     /// Base of result URLs for jobs that did not come over HTTP.
     pub base_url: String,
     pub model: String,
+    /// The precision the model runs in (`f32`, `int8`, ...).
+    pub precision: String,
     /// Connection state, for /metrics.
     pub link: Arc<crate::metrics::LinkState>,
 }
@@ -407,6 +409,7 @@ async fn stats_message(ctx: &MqttContext, counters: &Counters, topics: &Topics) 
     let body = json!({
         "node": topics.node,
         "model": ctx.model,
+        "precision": ctx.precision,
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": s.uptime().as_secs(),
         "queue_depth": jobs.pool().queued() as i64 + queued_in_db,

@@ -162,6 +162,25 @@ async fn metrics_parse_as_prometheus_text_and_count_a_request() {
     assert_eq!(after["removebgd_jobs_in_flight"], 0.0);
     assert_eq!(after["removebgd_queue_depth"], 0.0);
     assert_eq!(after.get("removebgd_mqtt_connected"), None, "MQTT is not configured");
+    let info = format!("removebgd_build_info{{version=\"{}\",model=\"u2netp\",precision=\"f32\"}}", env!("CARGO_PKG_VERSION"));
+    assert_eq!(after.get(&info), Some(&1.0), "{:?}", after.keys().filter(|k| k.contains("info")).collect::<Vec<_>>());
+}
+
+/// The precision in use is named where operators look: /readyz and /metrics (MQTT stats: the
+/// mqtt tests). u2netp's `auto` is f32; int8 when asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_and_metrics_name_the_precision() {
+    for (args, want) in [(&[][..], "f32"), (&["--precision", "int8"][..], "int8")] {
+        let d = Daemon::start(1, args).await;
+        let (s, v) = readyz(&d).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert_eq!((v["model"].as_str(), v["precision"].as_str()), (Some("u2netp"), Some(want)), "{v}");
+        let info = format!(
+            "removebgd_build_info{{version=\"{}\",model=\"u2netp\",precision=\"{want}\"}}",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert_eq!(metrics(&d).await.get(&info), Some(&1.0), "{args:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,8 +200,8 @@ async fn an_http_job_is_mirrored_as_processing_then_completed_with_the_same_resu
         .unwrap();
     let s = next(&mut stats, 20, |_| true).await.body;
     assert_eq!(
-        (s["processed"].as_u64(), s["model"].as_str()),
-        (Some(1), Some("u2netp")),
+        (s["processed"].as_u64(), s["model"].as_str(), s["precision"].as_str()),
+        (Some(1), Some("u2netp"), Some("f32")),
         "{s}"
     );
     assert!(s["median_latency_ms"].as_u64().is_some() && s["uptime_s"].is_u64());

@@ -27,7 +27,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         .collect::<Result<_, _>>()?;
 
     println!(
-        "removebgd {} model={} pipeline={:?} precision={:?} threads={} image={} ({}x{} -> {} {} bytes) runs={}",
+        "removebgd {} model={} pipeline={:?} precision={} threads={} image={} ({}x{} -> {} {} bytes) runs={}",
         env!("CARGO_PKG_VERSION"),
         args.engine.model,
         engine.model().pipeline(),

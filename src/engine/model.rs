@@ -139,11 +139,11 @@ impl Model {
         path: &Path,
         pipeline: Pipeline,
         inputs: impl IntoIterator<Item = Vec<f32>>,
-    ) -> Result<std::collections::BTreeMap<String, Histogram>, EngineError> {
+    ) -> Result<std::collections::BTreeMap<String, Vec<Histogram>>, EngineError> {
         let model = Self::build(path, Some(pipeline), Precision::F32, Ops::Ours(Isa::chosen()))?;
         let fail = |e: TractError| EngineError::Inference(format!("{e:#}"));
         let mut state = model.plan.spawn().map_err(fail)?;
-        let mut histograms = std::collections::BTreeMap::<String, Histogram>::new();
+        let mut histograms = std::collections::BTreeMap::<String, Vec<Histogram>>::new();
         let s = pipeline.input_size() as usize;
         for input in inputs {
             let tensor: Tensor = tract_ndarray::Array4::from_shape_vec((1, 3, s, s), input)
@@ -201,7 +201,7 @@ impl Model {
 
         let mut typed = model.into_typed().map_err(|e| fail("typing", e))?;
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let table = table.or_else(|| Table::embedded(size)).filter(|t| !t.layers.is_empty());
+        let table = table.or_else(|| Table::for_model(size)).filter(|t| !t.layers.is_empty());
         let precision = match precision {
             Precision::Auto if table.as_ref().is_some_and(|t| t.auto) => Precision::Int8,
             Precision::Auto => Precision::F32,
@@ -547,6 +547,53 @@ mod tests {
             1,
             "one run state (one activation set) for 6 inferences on 3 threads"
         );
+    }
+
+    /// Every int8 kernel this CPU has gives the same soft mask bit for bit (the sums are exact
+    /// and the requantisation one order of float operations), with the table's layers in int8
+    /// and the rest in f32; and the int8 mask is not the f32 one (int8 really ran).
+    fn int8_is_the_same_on_every_kernel(file: &str, pipeline: Pipeline, scalar: bool) {
+        use_threads(2);
+        let path = mirror().join(file);
+        let size = std::fs::metadata(&path).unwrap().len();
+        let table = Table::embedded(size).expect("an embedded table");
+        let int8_layers = table.layers.values().filter(|l| l.int8).count();
+        let s = pipeline.input_size() as usize;
+        let input = test_input(s);
+        let f32_out = Model::build(&path, Some(pipeline), Precision::F32, Ops::Ours(Isa::chosen()))
+            .unwrap()
+            .infer(input.clone())
+            .unwrap();
+        let kernels: Vec<QIsa> = QIsa::ALL
+            .into_iter()
+            .filter(|k| k.supported() && (scalar || *k != QIsa::Scalar))
+            .collect();
+        let mut first: Option<Vec<f32>> = None;
+        for &qisa in &kernels {
+            let m = Model::build_with(&path, Some(pipeline), Precision::Int8, Ops::Int8(qisa, Isa::chosen()), None).unwrap();
+            assert_eq!(m.precision(), Precision::Int8);
+            assert_eq!(count(&m, "QuantConv"), int8_layers, "{qisa:?}");
+            let out = m.infer(input.clone()).unwrap();
+            match &first {
+                None => {
+                    let changed = out.iter().zip(&f32_out).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                    assert!(changed > out.len() / 10, "int8 changed only {changed} values");
+                    first = Some(out);
+                }
+                Some(want) => same_mask(&out, want, Ops::Int8(qisa, Isa::chosen())),
+            }
+        }
+    }
+
+    #[test]
+    fn u2netp_int8_is_the_same_on_every_kernel() {
+        int8_is_the_same_on_every_kernel("u2netp.onnx", Pipeline::U2netp, true);
+    }
+
+    #[test]
+    fn isnet_int8_is_the_same_on_every_kernel() {
+        // The plain loops take a minute on IS-Net; u2netp runs them.
+        int8_is_the_same_on_every_kernel("isnet-medium.onnx", Pipeline::Isnet, false);
     }
 
     #[test]

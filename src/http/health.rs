@@ -64,6 +64,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     let body = json!({
         "ready": reasons.is_empty(),
         "model": state.model,
+        "precision": state.precision,
         "reasons": reasons,
     });
     (status, axum::Json(body)).into_response()
@@ -82,13 +83,14 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         &mut out,
         "removebgd_build_info",
         "gauge",
-        "Version and model of this daemon.",
+        "Version, model and numeric precision of this daemon.",
     );
     let _ = writeln!(
         out,
-        "removebgd_build_info{{version=\"{}\",model=\"{}\"}} 1",
+        "removebgd_build_info{{version=\"{}\",model=\"{}\",precision=\"{}\"}} 1",
         env!("CARGO_PKG_VERSION"),
-        metrics::label(&state.model)
+        metrics::label(&state.model),
+        metrics::label(&state.precision)
     );
     metrics::single(
         &mut out,

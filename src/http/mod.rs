@@ -44,8 +44,9 @@ pub struct AppState {
     /// Configured public base URL; otherwise the request's Host, otherwise `fallback_url`.
     pub public_url: Option<String>,
     pub fallback_url: String,
-    /// Model name, for /readyz and /metrics.
+    /// Model name and the precision it runs in, for /readyz and /metrics.
     pub model: String,
+    pub precision: String,
     pub requests: Arc<RequestMetrics>,
     /// MQTT link state for /metrics (never configured: no metric).
     pub mqtt: Arc<crate::metrics::LinkState>,

@@ -95,16 +95,37 @@ impl Histogram {
             .sum()
     }
 
-    /// The observed range, shrunk by the factor (1 down to 1/64) with the least error.
-    pub fn choose(&self) -> Quant {
+    /// The range `method` picks.
+    pub fn choose(&self, method: Method) -> Quant {
         if self.min > self.max {
             return Quant::covering(0.0, 1.0);
         }
-        (0..=180)
-            .map(|i| 0.977f32.powi(i))
-            .map(|f| Quant::covering(self.min * f, self.max * f))
-            .min_by(|a, b| self.error(*a).total_cmp(&self.error(*b)))
-            .expect("candidates")
+        match method {
+            Method::MinMax => Quant::covering(self.min, self.max),
+            // The observed range, shrunk by the factor (1 down to 1/64) with the least error.
+            Method::Mse => (0..=180)
+                .map(|i| 0.977f32.powi(i))
+                .map(|f| Quant::covering(self.min * f, self.max * f))
+                .min_by(|a, b| self.error(*a).total_cmp(&self.error(*b)))
+                .expect("candidates"),
+            Method::Percentile => {
+                let total: u64 = self.bins.iter().sum();
+                let tail = (total as f64 * 1e-4) as u64;
+                let width = 2.0 * self.range / BINS as f32;
+                let (mut seen, mut lo) = (0, 0);
+                while lo < BINS - 1 && seen + self.bins[lo] <= tail {
+                    seen += self.bins[lo];
+                    lo += 1;
+                }
+                let (mut seen, mut hi) = (0, BINS - 1);
+                while hi > 0 && seen + self.bins[hi] <= tail {
+                    seen += self.bins[hi];
+                    hi -= 1;
+                }
+                let edge = |i: usize| -self.range + i as f32 * width;
+                Quant::covering(edge(lo).max(self.min), edge(hi + 1).min(self.max))
+            }
+        }
     }
 
     pub fn observed(&self) -> (f32, f32) {
@@ -112,25 +133,51 @@ impl Histogram {
     }
 }
 
-/// One convolution's entry: its input range, and whether it runs in int8.
+/// How a range is chosen from a histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// The observed minimum and maximum: one outlier sets the step for every value.
+    MinMax,
+    /// The 0.01% and 99.99% points.
+    Percentile,
+    /// The observed range shrunk by the factor with the least expected squared error.
+    Mse,
+}
+
+/// One convolution's entry: per input (a concatenation has several), its range; and whether it
+/// runs in int8.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Layer {
-    pub scale: f32,
-    pub zero: u8,
+    pub scale: Vec<f32>,
+    pub zero: Vec<u8>,
     /// What the calibration photos showed.
-    pub min: f32,
-    pub max: f32,
+    pub min: Vec<f32>,
+    pub max: Vec<f32>,
     /// false: the layer stays f32 (it costs too much fidelity in int8).
     pub int8: bool,
 }
 
 impl Layer {
-    pub fn quant(&self) -> Quant {
-        Quant {
-            scale: self.scale,
-            zero: self.zero,
+    /// From each input's histogram.
+    pub fn new(histograms: &[Histogram], method: Method, int8: bool) -> Layer {
+        let quant: Vec<Quant> = histograms.iter().map(|h| h.choose(method)).collect();
+        Layer {
+            scale: quant.iter().map(|q| q.scale).collect(),
+            zero: quant.iter().map(|q| q.zero).collect(),
+            min: histograms.iter().map(|h| h.observed().0).collect(),
+            max: histograms.iter().map(|h| h.observed().1).collect(),
+            int8,
         }
+    }
+
+    pub fn quant(&self) -> Vec<Quant> {
+        self.scale
+            .iter()
+            .zip(&self.zero)
+            .map(|(&scale, &zero)| Quant { scale, zero })
+            .collect()
     }
 }
 
@@ -157,7 +204,22 @@ const TABLES: &[&str] = &[
 ];
 
 impl Table {
-    /// The embedded table for a model file of `size` bytes (the layer names then have to fit).
+    /// The table for a model file of `size` bytes (the layer names then have to fit): the
+    /// file `REMOVEBGD_INT8_TABLE` names when it is for that size (to try a table without a
+    /// rebuild), else the embedded one.
+    pub fn for_model(size: u64) -> Option<Table> {
+        if let Some(path) = std::env::var_os("REMOVEBGD_INT8_TABLE") {
+            match std::fs::read_to_string(&path).map(|t| toml::from_str::<Table>(&t)) {
+                Ok(Ok(table)) if table.size == size => return Some(table),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::warn!(path = ?path, "REMOVEBGD_INT8_TABLE: {e}"),
+                Err(e) => tracing::warn!(path = ?path, "REMOVEBGD_INT8_TABLE: {e}"),
+            }
+        }
+        Self::embedded(size)
+    }
+
+    /// The embedded table for a model file of `size` bytes.
     pub fn embedded(size: u64) -> Option<Table> {
         TABLES
             .iter()
@@ -181,9 +243,10 @@ mod tests {
         }
     }
 
-    /// A far outlier stretches min/max, not the chosen range; the dense part keeps a fine step.
+    /// A far outlier stretches min/max, not the percentile range; the dense part keeps a fine
+    /// step.
     #[test]
-    fn an_outlier_does_not_set_the_range() {
+    fn an_outlier_does_not_set_the_percentile_range() {
         let mut h = Histogram::default();
         let mut seed = 1u32;
         h.add((0..200_000).map(|_| {
@@ -191,11 +254,28 @@ mod tests {
             (seed >> 8) as f32 / (1u32 << 24) as f32 * 4.0
         }));
         h.add([1528.0]);
-        assert_eq!(h.observed(), (h.observed().0, 1528.0));
-        let q = h.choose();
+        assert_eq!(h.observed().1, 1528.0);
+        let q = h.choose(Method::Percentile);
         let hi = 255.0 * q.scale;
         assert_eq!(q.zero, 0, "non-negative values need no negative range");
         assert!((3.5..6.0).contains(&hi), "range top {hi}");
+        assert_eq!(h.choose(Method::MinMax).scale, 1528.0 / 255.0);
+    }
+
+    /// A long thin tail (as after a Relu) is clipped by the least-squared-error range, well
+    /// below the maximum, and more finely stepped than min/max.
+    #[test]
+    fn a_long_tail_is_clipped_by_least_squares() {
+        let mut h = Histogram::default();
+        let mut seed = 3u32;
+        h.add((0..200_000).map(|_| {
+            seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            let u = ((seed >> 8) as f32 + 1.0) / (1u32 << 24) as f32;
+            -u.ln()
+        }));
+        let (_, max) = h.observed();
+        let hi = 255.0 * h.choose(Method::Mse).scale;
+        assert!(max > 10.0 && hi < 0.9 * max && hi > 3.0, "max {max}, chosen top {hi}");
     }
 
     /// Values that are all well inside keep (nearly) their whole range.
@@ -203,7 +283,7 @@ mod tests {
     fn a_dense_range_is_kept() {
         let mut h = Histogram::default();
         h.add((0..=1000).map(|i| i as f32 / 1000.0 * 6.0 - 2.0));
-        let q = h.choose();
+        let q = h.choose(Method::Mse);
         let (lo, hi) = (-(q.zero as f32) * q.scale, (255.0 - q.zero as f32) * q.scale);
         assert!(lo <= -1.8 && hi >= 3.6, "[{lo}, {hi}]");
     }

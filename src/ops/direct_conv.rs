@@ -537,11 +537,12 @@ impl DirectConv {
     }
 
     /// Adds the values it convolves (its inputs after the max pool it reads through, not the
-    /// residual) to `histogram`.
-    pub fn observe(&self, inputs: &[TValue], histogram: &mut super::calibration::Histogram) -> TractResult<()> {
+    /// residual) to `histograms`, one per input.
+    pub fn observe(&self, inputs: &[TValue], histograms: &mut Vec<super::calibration::Histogram>) -> TractResult<()> {
         let g = &self.geometry;
         let [h, w] = g.input;
-        for input in &inputs[..g.channels.len()] {
+        histograms.resize_with(g.channels.len(), Default::default);
+        for (input, histogram) in inputs[..g.channels.len()].iter().zip(histograms.iter_mut()) {
             let view = input.try_as_plain_ram()?;
             let values = view.as_slice::<f32>()?;
             if g.pooled {

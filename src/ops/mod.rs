@@ -95,14 +95,14 @@ pub fn quant_convs(
     let mut quantised = 0;
     let isa = isa.filter(|k| k.supported());
     let replaced = direct_conv::replace_convs(model, |name, spec| match table.layers.get(name) {
-        Some(layer) if layer.int8 => {
+        Some(layer) if layer.int8 && layer.scale.len() == spec.geometry.channels.len() => {
             quantised += 1;
             Some(Box::new(quant_conv::QuantConv::new(
                 qisa,
                 spec.geometry,
                 spec.weights,
                 spec.bias,
-                layer.quant(),
+                &layer.quant(),
             )))
         }
         _ => isa.map(|isa| Box::new(direct_conv::DirectConv::new(isa, spec.geometry, spec.weights, spec.bias)) as _),

@@ -189,7 +189,8 @@ enum Packed {
 pub struct QuantConv {
     isa: QIsa,
     geometry: Geometry,
-    input: Quant,
+    /// Per input channel: how it is quantised (each concatenated input has its own range).
+    inputs: Vec<Quant>,
     band: Band,
     /// Per tap (ky, kx): its byte offset in a group's copy.
     tap_offsets: Vec<usize>,
@@ -220,7 +221,12 @@ pub fn quantise_weights(weights: &[f32], m: usize) -> (Vec<i8>, Vec<f32>) {
 }
 
 impl QuantConv {
-    pub(crate) fn new(isa: QIsa, geometry: Geometry, weights: &[f32], bias: Vec<f32>, input: Quant) -> QuantConv {
+    /// `sources` has one [`Quant`] per input (concatenated in `geometry.channels`' order).
+    /// Inputs with different ranges keep their own steps: each channel's weights are scaled by
+    /// its input's step over the largest step before they are quantised, so one integer sum
+    /// and one factor per output channel still hold.
+    pub(crate) fn new(isa: QIsa, geometry: Geometry, weights: &[f32], bias: Vec<f32>, sources: &[Quant]) -> QuantConv {
+        assert_eq!(sources.len(), geometry.channels.len(), "one range per input");
         let [_, m, oh, ow] = geometry.output;
         let c: usize = geometry.channels.iter().sum();
         let groups = c.div_ceil(4);
@@ -228,20 +234,34 @@ impl QuantConv {
         let taps = kh * kw;
         let Shape { lanes: vl, t: mt, n: nv, .. } = isa.shape();
         let tc = if m < mt { 1 } else { mt };
-        let (q, scales) = quantise_weights(weights, m);
+        let inputs: Vec<Quant> = geometry
+            .channels
+            .iter()
+            .zip(sources)
+            .flat_map(|(&n, &q)| std::iter::repeat_n(q, n))
+            .collect();
+        let step = sources.iter().fold(0f32, |a, q| a.max(q.scale));
+        let folded: Vec<f32> = weights
+            .chunks_exact(taps)
+            .enumerate()
+            .flat_map(|(i, per_in)| {
+                let ratio = inputs[i % c].scale / step;
+                per_in.iter().map(move |w| if ratio == 1.0 { *w } else { w * ratio })
+            })
+            .collect();
+        let (q, scales) = quantise_weights(&folded, m);
         let mut packed = vec![0i8; m.div_ceil(tc) * groups * taps * tc * 4];
-        let mut sums = vec![0i32; m];
+        let offset = if isa.signed() { 128 } else { 0 };
+        let mut correction = vec![0i32; m];
         for (o, per_out) in q.chunks_exact(c * taps).enumerate() {
             for (i, per_in) in per_out.chunks_exact(taps).enumerate() {
                 for (t, &v) in per_in.iter().enumerate() {
                     packed[((((o / tc) * groups + i / 4) * taps + t) * tc + o % tc) * 4 + i % 4] = v;
-                    sums[o] += v as i32;
+                    correction[o] += (offset - inputs[i].zero as i32) * v as i32;
                 }
             }
         }
-        let offset = if isa.signed() { 128 } else { 0 };
-        let correction = sums.iter().map(|w| (offset - input.zero as i32) * w).collect();
-        let factor = scales.iter().map(|s| input.scale * s).collect();
+        let factor = scales.iter().map(|s| step * s).collect();
         let weights = match isa {
             QIsa::Avx2 => Packed::I16(packed.iter().map(|&v| v as i16).collect()),
             _ => Packed::I8(packed),
@@ -282,7 +302,7 @@ impl QuantConv {
         QuantConv {
             isa,
             geometry,
-            input,
+            inputs,
             band,
             tap_offsets,
             tile_channels: tc,
@@ -377,12 +397,14 @@ impl QuantConv {
             scratch.resize(groups * b.group_len, 0);
         }
         let flip: u8 = if self.isa.signed() { 0x80 } else { 0 };
-        let padding = u32::from_ne_bytes([self.input.zero ^ flip; 4]);
-        let inverse = 1.0 / self.input.scale;
-        let zero = self.input.zero as i32;
         let flips = u32::from_ne_bytes([flip; 4]);
         for (group, copy) in scratch.chunks_exact_mut(b.group_len).take(groups).enumerate() {
             let channels = &planes[group * 4..planes.len().min(group * 4 + 4)];
+            // Per channel of the group; channels past the last hold the zero point of the last.
+            let quant: [Quant; 4] = std::array::from_fn(|i| self.inputs[(group * 4 + i).min(planes.len() - 1)]);
+            let padding = u32::from_le_bytes(quant.map(|q| q.zero)) ^ flips;
+            let inverse = quant.map(|q| 1.0 / q.scale);
+            let zero = quant.map(|q| q.zero as i32);
             for r in 0..b.rows {
                 let row = &mut copy[r * b.row_len * 4..][..b.row_len * 4];
                 let words = bytemuck_words(row);
@@ -396,7 +418,13 @@ impl QuantConv {
                 let dst = &mut words[g.pad[1]..][..w];
                 let rows: [Option<&[f32]>; 4] =
                     std::array::from_fn(|i| channels.get(i).map(|p| &p[scale * iy * scale * w..][..scale * scale * w]));
-                quantise_quads(rows, g.pooled, w, inverse, zero, self.input.zero, flips, dst);
+                #[cfg(target_arch = "x86_64")]
+                if self.isa == QIsa::Vnni512 {
+                    // SAFETY: the kernel's features include AVX-512F and BW.
+                    unsafe { quantise_quads_avx512(rows, g.pooled, w, inverse, zero, flips, dst) };
+                    continue;
+                }
+                quantise_quads(rows, g.pooled, w, inverse, zero, flips, dst);
             }
         }
     }
@@ -567,18 +595,18 @@ fn quantise_quads(
     rows: [Option<&[f32]>; 4],
     pooled: bool,
     w: usize,
-    inverse: f32,
-    zero: i32,
-    zero_byte: u8,
+    inverse: [f32; 4],
+    zero: [i32; 4],
     flips: u32,
     dst: &mut [u32],
 ) {
-    let mut bytes = [[zero_byte; 64]; 4];
+    let mut bytes = [[0u8; 64]; 4];
     for x0 in (0..w).step_by(64) {
         let n = (w - x0).min(64);
         for (c, row) in rows.iter().enumerate() {
+            let (inverse, zero) = (inverse[c], zero[c]);
             let Some(row) = row else {
-                bytes[c][..n].fill(zero_byte);
+                bytes[c][..n].fill(zero as u8);
                 continue;
             };
             if pooled {
@@ -599,6 +627,74 @@ fn quantise_quads(
             *d = u32::from_le_bytes([bytes[0][x], bytes[1][x], bytes[2][x], bytes[3][x]]) ^ flips;
         }
     }
+}
+
+/// `quantise_quads` 16 pixels at a time: the same operations in the same order (multiply,
+/// clamp to +-256 with NaN to -256, round to nearest even, add the zero point, clamp to 0..=255).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn quantise_quads_avx512(
+    rows: [Option<&[f32]>; 4],
+    pooled: bool,
+    w: usize,
+    inverse: [f32; 4],
+    zero: [i32; 4],
+    flips: u32,
+    dst: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+    assert!(dst.len() >= w);
+    for row in rows.iter().flatten() {
+        assert!(row.len() >= if pooled { 4 * w } else { w });
+    }
+    // SAFETY: loads and stores are masked to the `w` pixels of rows checked above.
+    unsafe {
+        let (low, high) = (_mm512_set1_ps(-256.0), _mm512_set1_ps(256.0));
+        let (floor, ceil) = (_mm512_setzero_si512(), _mm512_set1_epi32(255));
+        let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+        let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+        let flip = _mm512_set1_epi32(flips as i32);
+        for x0 in (0..w).step_by(16) {
+            let n = (w - x0).min(16);
+            let lanes = mask16(n);
+            let mut word = flip;
+            for (c, row) in rows.iter().enumerate() {
+                let (inv, z) = (_mm512_set1_ps(inverse[c]), _mm512_set1_epi32(zero[c]));
+                let q = match row {
+                    None => z,
+                    Some(row) => {
+                        let v = if pooled {
+                            // Pixels x0.. of the pooled row: 2x2 maxima of 2n source columns
+                            // of the two rows.
+                            let first = mask16(2 * n);
+                            let second = mask16((2 * n).saturating_sub(16));
+                            let pair = |r: usize| {
+                                let at = row.as_ptr().add(r * 2 * w + 2 * x0);
+                                let a = _mm512_maskz_loadu_ps(first, at);
+                                let b = _mm512_maskz_loadu_ps(second, at.add(16));
+                                _mm512_max_ps(_mm512_permutex2var_ps(a, even, b), _mm512_permutex2var_ps(a, odd, b))
+                            };
+                            _mm512_max_ps(pair(0), pair(1))
+                        } else {
+                            _mm512_maskz_loadu_ps(lanes, row.as_ptr().add(x0))
+                        };
+                        let t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), low), high);
+                        let q = _mm512_add_epi32(_mm512_cvtps_epi32(t), z);
+                        _mm512_min_epi32(_mm512_max_epi32(q, floor), ceil)
+                    }
+                };
+                word = _mm512_xor_si512(word, _mm512_sllv_epi32(q, _mm512_set1_epi32(8 * c as i32)));
+            }
+            _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(x0).cast(), lanes, word);
+        }
+    }
+}
+
+/// The first `k` of 16 lanes (all for 16 or more).
+#[cfg(target_arch = "x86_64")]
+fn mask16(k: usize) -> u16 {
+    if k >= 16 { u16::MAX } else { (1u16 << k) - 1 }
 }
 
 /// `bytes` (a copy row, 4-byte aligned by construction) as 32-bit words.
@@ -1013,7 +1109,7 @@ impl Op for QuantConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{:?} {:?} -> {:?} kernel {:?} dilation {:?} relu {} residual {} input {:?}",
+            "{:?} {:?} -> {:?} kernel {:?} dilation {:?} relu {} residual {} first input {:?}",
             self.isa,
             self.geometry.channels,
             self.geometry.output,
@@ -1021,7 +1117,7 @@ impl Op for QuantConv {
             self.geometry.dilation,
             self.geometry.relu,
             self.geometry.residual,
-            self.input
+            self.inputs[0]
         )])
     }
 
@@ -1082,10 +1178,27 @@ mod tests {
         let [kh, kw] = g.kernel;
         let [dy, dx] = g.dilation;
         let [py, px] = g.pad;
-        let inverse = 1.0 / op.input.scale;
-        let zero = op.input.zero as i32;
-        let q: Vec<i32> = input.iter().map(|&v| Quant::quantise(inverse, zero, v) as i32).collect();
-        let (qw, scales) = quantise_weights(weights, m);
+        let plane = h * w;
+        let q: Vec<i32> = input
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let quant = op.inputs[i / plane];
+                Quant::quantise(1.0 / quant.scale, quant.zero as i32, v) as i32
+            })
+            .collect();
+        // The weights as the operator folds them: scaled by the input's step over the largest.
+        let step = op.inputs.iter().fold(0f32, |a, q| a.max(q.scale));
+        let taps = kh * kw;
+        let folded: Vec<f32> = weights
+            .iter()
+            .enumerate()
+            .map(|(i, &w)| {
+                let ratio = op.inputs[(i / taps) % c].scale / step;
+                if ratio == 1.0 { w } else { w * ratio }
+            })
+            .collect();
+        let (qw, scales) = quantise_weights(&folded, m);
         let mut out = vec![0f32; m * oh * ow];
         for o in 0..m {
             for y in 0..oh {
@@ -1096,6 +1209,7 @@ mod tests {
                             for kx in 0..kw {
                                 let iy = (y + ky * dy) as isize - py as isize;
                                 let ix = (x + kx * dx) as isize - px as isize;
+                                let zero = op.inputs[i].zero as i32;
                                 let v = if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
                                     zero
                                 } else {
@@ -1105,7 +1219,7 @@ mod tests {
                             }
                         }
                     }
-                    let mut r = s as i32 as f32 * (op.input.scale * scales[o]) + bias[o];
+                    let mut r = s as i32 as f32 * (step * scales[o]) + bias[o];
                     if g.relu {
                         r = if r > 0.0 { r } else { 0.0 };
                     }
@@ -1226,10 +1340,13 @@ mod tests {
                 relu,
                 residual,
             };
-            let quant = Quant::covering(-0.4, 1.3);
+            // Each input its own range (a concatenation's parts differ).
+            let quant: Vec<Quant> = (0..channels.len())
+                .map(|i| Quant::covering(-0.4 + 0.3 * i as f32, 1.3 - 0.4 * i as f32))
+                .collect();
             let mut want = None;
             for &isa in &isas {
-                let op = QuantConv::new(isa, geometry.clone(), &weights, bias.clone(), quant);
+                let op = QuantConv::new(isa, geometry.clone(), &weights, bias.clone(), &quant);
                 let want = want.get_or_insert_with(|| reference(&op, &input, &weights, &bias, residual.then_some(&added[..])));
                 let mut parts: Vec<&[f32]> = {
                     let mut rest = &source[..];
