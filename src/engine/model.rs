@@ -248,6 +248,11 @@ impl Model {
         if ops != Ops::Tract {
             let im2col = ops::faster_im2col(&mut typed, &geometries).map_err(|e| fail("row im2col", e))?;
             let resize = ops::parallel_resize(&mut typed).map_err(|e| fail("parallel resize", e))?;
+            // int8 masks are promised byte for byte the same on every CPU; tract's sigmoid
+            // kernels differ by architecture.
+            if precision == Precision::Int8 {
+                ops::portable_sigmoids(&mut typed).map_err(|e| fail("portable sigmoid", e))?;
+            }
             tracing::debug!(
                 direct_convs = direct.convs,
                 concats_read_in_place = direct.concats,

@@ -138,6 +138,7 @@ impl Histogram {
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     /// The observed minimum and maximum: one outlier sets the step for every value.
+    #[value(name = "minmax", alias = "min-max")]
     MinMax,
     /// The 0.01% and 99.99% points.
     Percentile,

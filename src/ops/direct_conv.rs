@@ -56,7 +56,7 @@ const AVX2_SINGLE: usize = 6;
 #[cfg(target_arch = "aarch64")]
 const NEON_SINGLE: usize = 8;
 /// Weights of the output-channel tiles used together, kept under a quarter of a typical L2.
-const WEIGHT_BUDGET: usize = 256 * 1024;
+pub(crate) const WEIGHT_BUDGET: usize = 256 * 1024;
 /// A task's copy of its input rows, kept with the weights within a typical 1 MB L2 (unless one
 /// output row alone needs more).
 const BAND_BUDGET: usize = 768 * 1024;
@@ -452,52 +452,36 @@ impl Weights {
 }
 
 /// Output rows per task; rows of the thread's input copy; image rows between copied rows;
-/// copied rows between kernel rows; floats per copied row; floats per copied channel.
+/// copied rows between kernel rows; values per copied row; values per copied channel. A value is
+/// 4 bytes: an f32, or for the int8 kernels four channels' bytes.
 #[derive(Debug, Clone, Copy, PartialEq)]
-struct Band {
-    rows_out: usize,
-    rows: usize,
-    image_step: usize,
-    ky_step: usize,
-    row_len: usize,
-    channel_len: usize,
+pub(crate) struct Band {
+    pub rows_out: usize,
+    pub rows: usize,
+    pub image_step: usize,
+    pub ky_step: usize,
+    pub row_len: usize,
+    pub channel_len: usize,
 }
 
-impl DirectConv {
-
-    pub(crate) fn new(isa: Isa, geometry: Geometry, weights: &[f32], bias: Vec<f32>) -> DirectConv {
-        let Geometry {
-            ref channels,
-            output,
-            kernel,
-            dilation,
-            ..
-        } = geometry;
-        let [_, m, oh, ow] = output;
-        let c: usize = channels.iter().sum();
-        let taps = kernel[0] * kernel[1];
-        let (vl, [mt, nv]) = (isa.lanes(), isa.tile());
-        let tc = if m < mt { 1 } else { mt };
-        let mut packed = vec![0f32; m.div_ceil(tc) * c * taps * tc];
-        for (o, per_out) in weights.chunks_exact(c * taps).enumerate() {
-            for (i, per_in) in per_out.chunks_exact(taps).enumerate() {
-                for (t, &v) in per_in.iter().enumerate() {
-                    packed[(((o / tc) * c + i) * taps + t) * tc + o % tc] = v;
-                }
-            }
-        }
-        // A task covers whole tiles of vectors: rows in threes (twos for AVX2) unless a row
-        // splits into them.
-        // Taller bands copy fewer rows twice; tall images can afford them and still make dozens
-        // of tasks. But the copy must stay in the core's own L2 with room for the weights: from
-        // the shared L3 (shared with the other cores, and on a VM with other tenants) IS-Net's
-        // widest layers ran 25% slower at 2 threads. Failing that, one output row per task
-        // copies only the kernel's rows.
+impl Band {
+    /// The band for `copies` copied channels (of 4-byte values) of `geometry`'s input, read by
+    /// vectors of `vl` values in tiles of `nv`.
+    ///
+    /// A task covers whole tiles of vectors: rows in threes (twos for AVX2) unless a row splits
+    /// into them. Taller bands copy fewer rows twice; tall images can afford them and still make
+    /// dozens of tasks. But the copy must stay in the core's own L2 with room for the weights:
+    /// from the shared L3 (shared with the other cores, and on a VM with other tenants) IS-Net's
+    /// widest layers ran 25% slower at 2 threads. Failing that, one output row per task copies
+    /// only the kernel's rows.
+    pub(crate) fn plan(geometry: &Geometry, copies: usize, vl: usize, nv: usize) -> Band {
+        let [_, _, oh, ow] = geometry.output;
+        let (kernel, dilation) = (geometry.kernel, geometry.dilation);
         let per_row = ow.div_ceil(vl);
         let row_len = per_row * vl + dilation[1] * (kernel[1] - 1);
         let reach = dilation[0] * (kernel[0] - 1);
         let step = if per_row.is_multiple_of(nv) { 1 } else { nv };
-        let fits = |rows: usize| c * rows * row_len * 4 <= BAND_BUDGET;
+        let fits = |rows: usize| copies * rows * row_len * 4 <= BAND_BUDGET;
         let rows_out = (1..=(oh / 48).clamp(1, 3))
             .rev()
             .map(|k| step * k)
@@ -514,17 +498,43 @@ impl DirectConv {
         if channel_len.is_multiple_of(1024) {
             channel_len += vl;
         }
-        let band = Band {
+        Band {
             rows_out,
             rows,
             image_step,
             ky_step,
             row_len,
             channel_len,
-        };
-        let tap_offsets = (0..taps)
-            .map(|t| (t / kernel[1]) * ky_step * row_len + (t % kernel[1]) * dilation[1])
-            .collect();
+        }
+    }
+
+    /// Per tap (ky, kx) of `geometry`'s kernel: its offset in a channel's copy, in values.
+    pub(crate) fn tap_offsets(&self, geometry: &Geometry) -> Vec<usize> {
+        let [kh, kw] = geometry.kernel;
+        (0..kh * kw)
+            .map(|t| (t / kw) * self.ky_step * self.row_len + (t % kw) * geometry.dilation[1])
+            .collect()
+    }
+}
+
+impl DirectConv {
+
+    pub(crate) fn new(isa: Isa, geometry: Geometry, weights: &[f32], bias: Vec<f32>) -> DirectConv {
+        let [_, m, _, _] = geometry.output;
+        let c: usize = geometry.channels.iter().sum();
+        let taps = geometry.kernel[0] * geometry.kernel[1];
+        let (vl, [mt, nv]) = (isa.lanes(), isa.tile());
+        let tc = if m < mt { 1 } else { mt };
+        let mut packed = vec![0f32; m.div_ceil(tc) * c * taps * tc];
+        for (o, per_out) in weights.chunks_exact(c * taps).enumerate() {
+            for (i, per_in) in per_out.chunks_exact(taps).enumerate() {
+                for (t, &v) in per_in.iter().enumerate() {
+                    packed[(((o / tc) * c + i) * taps + t) * tc + o % tc] = v;
+                }
+            }
+        }
+        let band = Band::plan(&geometry, c, vl, nv);
+        let tap_offsets = band.tap_offsets(&geometry);
         DirectConv {
             isa,
             geometry,
@@ -911,7 +921,7 @@ thread_local! {
 
 /// The output tensor's data, written by all tasks at disjoint offsets, and the residual added
 /// to it (null without one).
-struct SharedOut(*mut f32, *const f32);
+pub(crate) struct SharedOut(pub *mut f32, pub *const f32);
 // SAFETY: tasks write disjoint rows of the output through it, and the tensor outlives `run`.
 unsafe impl Sync for SharedOut {}
 

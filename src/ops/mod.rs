@@ -4,7 +4,7 @@
 //!   concatenation or max pool before them and the Relu and residual addition after them;
 //! - [`resize`]: bilinear `Resize` split by image plane;
 //! - [`quant_conv`]: the same convolutions in int8, with ranges from [`calibration`];
-//! - [`resize`]: bilinear `Resize` split by image plane;
+//! - [`sigmoid`]: a logistic function with the same bits on every CPU, for the int8 plans;
 //! - [`im2col`]: the packing in front of tract's own matrix products, from runs of pixels.
 //!
 //! The f32 operators compute exactly what tract's own operators compute (same taps, same weights,
@@ -17,6 +17,7 @@ pub mod direct_conv;
 pub mod im2col;
 pub mod quant_conv;
 pub mod resize;
+pub mod sigmoid;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::ensure;
@@ -25,6 +26,7 @@ pub use direct_conv::{Isa, direct_convs};
 pub use quant_conv::QIsa;
 pub use im2col::{conv_geometries, faster_im2col};
 pub use resize::{PlaneResize, parallel_resize};
+pub use sigmoid::portable_sigmoids;
 
 /// Replaces each node for which `build` gives an operator and the outlet it reads with that
 /// operator (keeping the node's name), in one patch. Returns how many nodes were replaced.

@@ -26,7 +26,7 @@
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::direct_conv::Geometry;
+use super::direct_conv::{Band, Geometry, SharedOut, WEIGHT_BUDGET};
 
 /// Activation quantisation: `real = scale * (q - zero)`, `q` in 0..=255.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -82,9 +82,6 @@ struct Shape {
     single: usize,
 }
 
-/// Weights of the tiles used together, and a task's input copy (see `direct_conv`).
-const WEIGHT_BUDGET: usize = 256 * 1024;
-const BAND_BUDGET: usize = 768 * 1024;
 
 impl QIsa {
     /// Every instruction set there is a kernel for, fastest first.
@@ -164,18 +161,6 @@ impl QIsa {
     }
 }
 
-/// Output rows per task; rows of the copy; image rows between copied rows; copied rows between
-/// kernel rows; pixels per copied row; bytes per copied group of 4 channels.
-#[derive(Debug, Clone, Copy, PartialEq)]
-struct Band {
-    rows_out: usize,
-    rows: usize,
-    image_step: usize,
-    ky_step: usize,
-    row_len: usize,
-    group_len: usize,
-}
-
 /// Packed weights: [tile][group of 4 input channels][tap][tile channel][4], zero past C and M;
 /// as i16 for the AVX2 kernel, which multiplies 16-bit values.
 #[derive(Debug, PartialEq)]
@@ -227,7 +212,7 @@ impl QuantConv {
     /// and one factor per output channel still hold.
     pub(crate) fn new(isa: QIsa, geometry: Geometry, weights: &[f32], bias: Vec<f32>, sources: &[Quant]) -> QuantConv {
         assert_eq!(sources.len(), geometry.channels.len(), "one range per input");
-        let [_, m, oh, ow] = geometry.output;
+        let m = geometry.output[1];
         let c: usize = geometry.channels.iter().sum();
         let groups = c.div_ceil(4);
         let [kh, kw] = geometry.kernel;
@@ -267,38 +252,9 @@ impl QuantConv {
             _ => Packed::I8(packed),
         };
 
-        // As the f32 kernel plans its bands, with a quarter of the bytes per value.
-        let per_row = ow.div_ceil(vl);
-        let row_len = per_row * vl + geometry.dilation[1] * (kw - 1);
-        let reach = geometry.dilation[0] * (kh - 1);
-        let step = if per_row.is_multiple_of(nv) { 1 } else { nv };
-        let fits = |rows: usize| groups * rows * row_len * 4 <= BAND_BUDGET;
-        let rows_out = (1..=(oh / 48).clamp(1, 3))
-            .rev()
-            .map(|k| step * k)
-            .find(|r| fits(r + reach))
-            .unwrap_or(1)
-            .min(oh);
-        let (rows, image_step, ky_step) = if rows_out == 1 {
-            (kh, geometry.dilation[0], 1)
-        } else {
-            (rows_out + reach, 1, geometry.dilation[0])
-        };
-        let mut group_len = rows * row_len * 4;
-        if group_len.is_multiple_of(4096) {
-            group_len += 64;
-        }
-        let band = Band {
-            rows_out,
-            rows,
-            image_step,
-            ky_step,
-            row_len,
-            group_len,
-        };
-        let tap_offsets = (0..taps)
-            .map(|t| ((t / kw) * ky_step * row_len + (t % kw) * geometry.dilation[1]) * 4)
-            .collect();
+        // As the f32 kernel plans its bands, a copied value being four channels' bytes.
+        let band = Band::plan(&geometry, groups, vl, nv);
+        let tap_offsets = band.tap_offsets(&geometry).iter().map(|t| 4 * t).collect();
         QuantConv {
             isa,
             geometry,
@@ -393,12 +349,13 @@ impl QuantConv {
             planes.extend(input.chunks_exact(plane));
         }
         let groups = planes.len().div_ceil(4);
-        if scratch.len() < groups * b.group_len {
-            scratch.resize(groups * b.group_len, 0);
+        let group_len = b.channel_len * 4;
+        if scratch.len() < groups * group_len {
+            scratch.resize(groups * group_len, 0);
         }
         let flip: u8 = if self.isa.signed() { 0x80 } else { 0 };
         let flips = u32::from_ne_bytes([flip; 4]);
-        for (group, copy) in scratch.chunks_exact_mut(b.group_len).take(groups).enumerate() {
+        for (group, copy) in scratch.chunks_exact_mut(group_len).take(groups).enumerate() {
             let channels = &planes[group * 4..planes.len().min(group * 4 + 4)];
             // Per channel of the group; channels past the last hold the zero point of the last.
             let quant: [Quant; 4] = std::array::from_fn(|i| self.inputs[(group * 4 + i).min(planes.len() - 1)]);
@@ -495,7 +452,7 @@ impl QuantConv {
             at[j] = (y0 + r) * ow + x;
             lanes[j] = (ow - x).min(VL);
         }
-        assert!((groups - 1) * self.band.group_len + base[N - 1] + last_tap + VL * 4 <= scratch.len());
+        assert!((groups - 1) * self.band.channel_len * 4 + base[N - 1] + last_tap + VL * 4 <= scratch.len());
         assert_eq!(weights, groups * self.tap_offsets.len() * T * 4);
         (base, at, lanes)
     }
@@ -561,7 +518,7 @@ impl QuantConv {
         let mut acc = [[[0i32; VL]; N]; T];
         let mut w = weights.chunks_exact(4);
         for g in 0..groups {
-            let copy = &scratch[g * self.band.group_len..];
+            let copy = &scratch[g * self.band.channel_len * 4..];
             for &off in &self.tap_offsets {
                 for acc in acc.iter_mut() {
                     let k = w.next().expect("sized by `vectors`");
@@ -750,7 +707,7 @@ impl QuantConv {
         unsafe {
             let mut acc = [[_mm512_setzero_si512(); N]; T];
             for g in 0..groups {
-                let copy = s.add(g * self.band.group_len);
+                let copy = s.add(g * self.band.channel_len * 4);
                 for &off in &self.tap_offsets {
                     let mut x = [_mm512_setzero_si512(); N];
                     for j in 0..N {
@@ -817,7 +774,7 @@ impl QuantConv {
         unsafe {
             let mut acc = [[_mm256_setzero_si256(); N]; T];
             for g in 0..groups {
-                let copy = s.add(g * self.band.group_len);
+                let copy = s.add(g * self.band.channel_len * 4);
                 for &off in &self.tap_offsets {
                     let mut x = [_mm256_setzero_si256(); N];
                     for j in 0..N {
@@ -889,7 +846,7 @@ impl QuantConv {
         unsafe {
             let mut acc = [[[_mm256_setzero_si256(); 2]; N]; T];
             for g in 0..groups {
-                let copy = s.add(g * self.band.group_len);
+                let copy = s.add(g * self.band.channel_len * 4);
                 for &off in &self.tap_offsets {
                     let mut x = [[_mm256_setzero_si256(); 2]; N];
                     for j in 0..N {
@@ -981,7 +938,7 @@ impl QuantConv {
         unsafe {
             let mut acc = [[vdupq_n_s32(0); N]; T];
             for g in 0..groups {
-                let copy = s.add(g * self.band.group_len);
+                let copy = s.add(g * self.band.channel_len * 4);
                 for &off in &self.tap_offsets {
                     let mut x = [vdupq_n_s8(0); N];
                     for j in 0..N {
@@ -1061,7 +1018,7 @@ impl QuantConv {
         unsafe {
             let mut acc = [[[vdupq_n_s32(0); 2]; N]; T];
             for g in 0..groups {
-                let copy = s.add(g * self.band.group_len);
+                let copy = s.add(g * self.band.channel_len * 4);
                 for &off in &self.tap_offsets {
                     let mut x = [vdupq_n_s8(0); N];
                     for j in 0..N {
@@ -1096,11 +1053,6 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The output tensor's data, written by all tasks at disjoint offsets, and the residual added
-/// to it (null without one).
-struct SharedOut(*mut f32, *const f32);
-// SAFETY: tasks write disjoint rows of the output through it, and the tensor outlives `run`.
-unsafe impl Sync for SharedOut {}
 
 impl Op for QuantConv {
     fn name(&self) -> StaticName {
