@@ -38,7 +38,20 @@ pub struct ResolvedModel {
 
 /// `--model NAME|PATH`: a manifest name is installed on first use; anything else must be a file.
 pub fn resolve_model(args: &EngineArgs) -> Result<ResolvedModel> {
-    if let Some(spec) = provision::find(&args.model) {
+    // A board configured with a retired name keeps running, on its replacement.
+    let name = match provision::replacement(&args.model) {
+        Some(new) => {
+            tracing::warn!(
+                retired = %args.model,
+                model = new,
+                "model {:?} is retired; running {new:?} instead (set model = {new:?})",
+                args.model
+            );
+            new
+        }
+        None => args.model.as_str(),
+    };
+    if let Some(spec) = provision::find(name) {
         let path = args
             .store
             .fetcher()

@@ -68,7 +68,7 @@ pub struct EngineArgs {
     /// Threads tract's matrix products fan out over (default: all cores).
     #[arg(long, env = "REMOVEBGD_THREADS")]
     pub threads: Option<usize>,
-    /// Numeric precision: `auto` is int8 for a model whose calibration table says so (none yet),
+    /// Numeric precision: `auto` is int8 for a model whose calibration table says so (isnet),
     /// else f32; `int8` runs the convolutions in int8; f16 is opt-in (unverified on real ARM FP16
     /// hardware).
     #[arg(long, env = "REMOVEBGD_PRECISION", value_enum, default_value_t = Precision::Auto)]

@@ -106,6 +106,9 @@ pub enum ProvisionError {
     #[error("unknown model {name:?}; known models: {known}")]
     UnknownModel { name: String, known: String },
 
+    #[error("model {name:?} is retired: use {replacement:?}, which runs in int8 by default (--precision int8)")]
+    Retired { name: String, replacement: &'static str },
+
     #[error(
         "{client} not found: install {install}, or pass --mirror DIR / set {env}",
         env = MIRROR_ENV
@@ -171,8 +174,24 @@ pub fn find(name: &str) -> Option<&'static ModelSpec> {
     manifest().iter().find(|spec| spec.name == name)
 }
 
-/// Like [`find`], with an error that lists the known names.
+/// Names the manifest no longer has, and the model that replaces each: `isnet-int8` was imgly's
+/// dynamically quantised IS-Net file, slower in tract than f32 and off the reference masks by up
+/// to 2.05/255; `isnet` in int8 (its `auto` precision) is faster and within the bound.
+pub const RETIRED: &[(&str, &str)] = &[("isnet-int8", "isnet")];
+
+/// The model that replaces a retired name.
+pub fn replacement(name: &str) -> Option<&'static str> {
+    RETIRED.iter().find(|(old, _)| *old == name).map(|(_, new)| *new)
+}
+
+/// Like [`find`], with an error that lists the known names (or says what replaced a retired one).
 pub fn lookup(name: &str) -> Result<&'static ModelSpec, ProvisionError> {
+    if let Some(new) = replacement(name) {
+        return Err(ProvisionError::Retired {
+            name: name.to_owned(),
+            replacement: new,
+        });
+    }
     find(name).ok_or_else(|| ProvisionError::UnknownModel {
         name: name.to_owned(),
         known: manifest()
@@ -680,7 +699,7 @@ mod tests {
     #[test]
     fn embedded_manifest_lists_the_three_models() {
         let names: Vec<&str> = manifest().iter().map(|spec| spec.name.as_str()).collect();
-        assert_eq!(names, ["isnet", "isnet-int8", "u2netp"]);
+        assert_eq!(names, ["isnet", "u2netp"]);
         assert!(find(DEFAULT_MODEL).is_some());
 
         let mut files: Vec<&str> = manifest().iter().map(|spec| spec.file.as_str()).collect();
@@ -716,7 +735,6 @@ mod tests {
                 resource: "/models/medium".to_owned(),
             }
         );
-        assert_eq!(find("isnet-int8").unwrap().pipeline, Pipeline::Isnet);
         assert_eq!(u2netp().pipeline, Pipeline::U2netp);
         assert_eq!(u2netp().input_size, 320);
         assert!(matches!(&u2netp().source, Source::Pypi { member, .. } if member == "rembg/u2netp.onnx"));
@@ -728,9 +746,14 @@ mod tests {
         assert!(matches!(err, ProvisionError::UnknownModel { .. }));
         assert_eq!(
             err.to_string(),
-            r#"unknown model "modnet"; known models: isnet, isnet-int8, u2netp"#
+            r#"unknown model "modnet"; known models: isnet, u2netp"#
         );
         assert_eq!(lookup("u2netp").unwrap(), u2netp());
+        let err = lookup("isnet-int8").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            r#"model "isnet-int8" is retired: use "isnet", which runs in int8 by default (--precision int8)"#
+        );
     }
 
     #[test]

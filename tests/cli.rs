@@ -124,3 +124,48 @@ fn models_fetch_from_a_mirror_verifies_and_rejects_corruption() {
     assert!(err.contains("sha256") || err.contains("checksum"), "{err}");
     assert!(listing(&fresh).is_empty(), "left behind: {:?}", listing(&fresh));
 }
+
+/// A board whose configuration names the retired `isnet-int8` keeps working: `cut` runs `isnet`
+/// (int8 by default) and says so, while `models fetch isnet-int8` refuses with what replaced it.
+#[test]
+fn a_retired_model_name_runs_its_replacement() {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    let out = work.path().join("mask.png");
+    let o = bin()
+        .args(["cut", "--model", "isnet-int8", "--mask-only", "-o"])
+        .arg(&out)
+        .arg(images().join("coffee.png"))
+        .arg("--models-dir")
+        .arg(&models)
+        .arg("--mirror")
+        .arg(mirror())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{log}");
+    assert!(log.contains(r#"model "isnet-int8" is retired; running "isnet" instead"#), "{log}");
+    let isnet = work.path().join("isnet.png");
+    let o = bin()
+        .args(["cut", "--model", "isnet", "--mask-only", "-o"])
+        .arg(&isnet)
+        .arg(images().join("coffee.png"))
+        .arg("--models-dir")
+        .arg(&models)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    assert_eq!(read(&out), read(&isnet), "the same mask as isnet's");
+    assert!(models.join("isnet-medium.onnx").is_file());
+    assert!(!models.join("isnet-small.onnx").exists());
+
+    let o = bin()
+        .args(["models", "fetch", "isnet-int8", "--models-dir"])
+        .arg(&models)
+        .arg("--mirror")
+        .arg(mirror())
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains(r#"model "isnet-int8" is retired: use "isnet""#));
+}

@@ -590,6 +590,18 @@ mod tests {
         }
     }
 
+    /// `auto` runs int8 where the shipped table says so (IS-Net: within the fidelity bound, and
+    /// bit-identical on ARM) and f32 elsewhere (u2netp: its int8 masks are far off).
+    #[test]
+    fn auto_precision_is_int8_for_isnet_and_f32_for_u2netp() {
+        let isnet = Model::load(&mirror().join("isnet-medium.onnx"), Some(Pipeline::Isnet), Precision::Auto).unwrap();
+        assert_eq!(isnet.precision(), Precision::Int8);
+        assert!(count(&isnet, "QuantConv") > 0);
+        let u2netp = Model::load(&mirror().join("u2netp.onnx"), Some(Pipeline::U2netp), Precision::Auto).unwrap();
+        assert_eq!(u2netp.precision(), Precision::F32);
+        assert_eq!(count(&u2netp, "QuantConv"), 0);
+    }
+
     #[test]
     fn u2netp_int8_is_the_same_on_every_kernel() {
         int8_is_the_same_on_every_kernel("u2netp.onnx", Pipeline::U2netp, true);
