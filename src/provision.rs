@@ -697,7 +697,7 @@ mod tests {
     }
 
     #[test]
-    fn embedded_manifest_lists_the_three_models() {
+    fn embedded_manifest_lists_the_models() {
         let names: Vec<&str> = manifest().iter().map(|spec| spec.name.as_str()).collect();
         assert_eq!(names, ["isnet", "u2netp"]);
         assert!(find(DEFAULT_MODEL).is_some());

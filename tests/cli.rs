@@ -7,10 +7,15 @@ use common::*;
 use std::path::Path;
 
 fn cut_cmd(models: &Path) -> std::process::Command {
+    cut_model(models, "u2netp")
+}
+
+/// `removebgd cut --model MODEL`, installing into `models` from the mirror.
+fn cut_model(models: &Path, model: &str) -> std::process::Command {
     let mut c = bin();
     c.arg("cut")
         .arg("--model")
-        .arg("u2netp")
+        .arg(model)
         .arg("--models-dir")
         .arg(models)
         .arg("--mirror")
@@ -132,26 +137,20 @@ fn a_retired_model_name_runs_its_replacement() {
     let work = tempfile::tempdir().unwrap();
     let models = work.path().join("models");
     let out = work.path().join("mask.png");
-    let o = bin()
-        .args(["cut", "--model", "isnet-int8", "--mask-only", "-o"])
+    let o = cut_model(&models, "isnet-int8")
+        .args(["--mask-only", "-o"])
         .arg(&out)
         .arg(images().join("coffee.png"))
-        .arg("--models-dir")
-        .arg(&models)
-        .arg("--mirror")
-        .arg(mirror())
         .output()
         .unwrap();
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{log}");
     assert!(log.contains(r#"model "isnet-int8" is retired; running "isnet" instead"#), "{log}");
     let isnet = work.path().join("isnet.png");
-    let o = bin()
-        .args(["cut", "--model", "isnet", "--mask-only", "-o"])
+    let o = cut_model(&models, "isnet")
+        .args(["--mask-only", "-o"])
         .arg(&isnet)
         .arg(images().join("coffee.png"))
-        .arg("--models-dir")
-        .arg(&models)
         .output()
         .unwrap();
     assert!(o.status.success());
