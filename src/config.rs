@@ -156,6 +156,10 @@ pub struct CalibrateArgs {
     /// Layers to keep in f32, by node name (the sensitivity table in the README says which).
     #[arg(long = "keep-f32", value_delimiter = ',')]
     pub keep_f32: Vec<String>,
+    /// Layers whose inputs are quantised to 16 bits (two bytes through the int8 kernels: twice
+    /// an int8 layer's work, far less than f32's), by node name.
+    #[arg(long = "wide", value_delimiter = ',')]
+    pub wide: Vec<String>,
     /// Also measure each layer's sensitivity: the mask change (mean |diff|, 8-bit levels, on the
     /// calibration inputs) with that layer alone in int8. Slow: one pass per layer.
     #[arg(long)]

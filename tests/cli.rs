@@ -96,6 +96,31 @@ fn a_refused_single_input_writes_nothing() {
     assert!(listing(&out).is_empty());
 }
 
+/// A table named by `REMOVEBGD_INT8_TABLE` that cannot be read or parsed stops the run with
+/// the variable named: it never falls back to the embedded table and measures something else.
+#[test]
+fn a_bad_int8_table_override_is_an_error() {
+    let work = tempfile::tempdir().unwrap();
+    let garbled = work.path().join("garbled.toml");
+    std::fs::write(&garbled, "sha256 = [not toml").unwrap();
+    for table in [work.path().join("missing.toml"), garbled] {
+        let out = work.path().join("out.png");
+        let o = cut_cmd(&work.path().join("models"))
+            .env("REMOVEBGD_INT8_TABLE", &table)
+            .arg("--precision")
+            .arg("int8")
+            .arg(images().join("rocket.jpg"))
+            .arg("-o")
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("REMOVEBGD_INT8_TABLE"), "{stderr}");
+        assert!(!out.exists());
+    }
+}
+
 #[test]
 fn models_fetch_from_a_mirror_verifies_and_rejects_corruption() {
     let work = tempfile::tempdir().unwrap();
@@ -145,7 +170,10 @@ fn a_retired_model_name_runs_its_replacement() {
         .unwrap();
     let log = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "{log}");
-    assert!(log.contains(r#"model "isnet-int8" is retired; running "isnet" instead"#), "{log}");
+    assert!(
+        log.contains(r#"model "isnet-int8" is retired; running "isnet" instead"#),
+        "{log}"
+    );
     let isnet = work.path().join("isnet.png");
     let o = cut_model(&models, "isnet")
         .args(["--mask-only", "-o"])

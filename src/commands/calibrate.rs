@@ -59,14 +59,20 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         .map(|im| pipeline.preprocess(im.as_raw(), im.dimensions()))
         .collect();
     let histograms = Model::calibrate(&path, pipeline, preprocessed.iter().cloned())?;
-    for name in &args.keep_f32 {
-        if !histograms.contains_key(name) {
-            bail!("--keep-f32 {name}: no such convolution in {}", args.name);
+    for (option, names) in [("--keep-f32", &args.keep_f32), ("--wide", &args.wide)] {
+        for name in names {
+            if !histograms.contains_key(name) {
+                bail!("{option} {name}: no such convolution in {}", args.name);
+            }
         }
     }
     let layers: BTreeMap<String, Layer> = histograms
         .iter()
-        .map(|(name, h)| (name.clone(), Layer::new(h, args.method, !args.keep_f32.contains(name))))
+        .map(|(name, h)| {
+            let mut layer = Layer::new(h, args.method, !args.keep_f32.contains(name));
+            layer.wide = layer.int8 && args.wide.contains(name);
+            (name.clone(), layer)
+        })
         .collect();
     let sha256 = spec.sha256.clone();
     let table = Table {
@@ -74,14 +80,15 @@ pub fn run(args: CalibrateArgs) -> Result<()> {
         size: spec.size,
         auto: args.auto,
         notes: format!(
-            "removebgd models calibrate {}: {} photos from {} and {} composites; ranges: {:?}; {} of {} convolutions in int8",
+            "removebgd models calibrate {}: {} photos from {} and {} composites; ranges: {:?}; {} of {} convolutions in int8 ({} of them with 16-bit inputs)",
             args.name,
             photos.len(),
             args.photos.display(),
             inputs.len() - photos.len(),
             args.method,
             layers.values().filter(|l| l.int8).count(),
-            layers.len()
+            layers.len(),
+            layers.values().filter(|l| l.wide).count()
         ),
         layers,
     };

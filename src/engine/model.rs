@@ -201,7 +201,11 @@ impl Model {
 
         let mut typed = model.into_typed().map_err(|e| fail("typing", e))?;
         let size = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        let table = table.or_else(|| Table::for_model(size)).filter(|t| !t.layers.is_empty());
+        let table = match table {
+            Some(table) => Some(table),
+            None => Table::for_model(size).map_err(EngineError::Model)?,
+        }
+        .filter(|t| !t.layers.is_empty());
         let precision = match precision {
             Precision::Auto if table.as_ref().is_some_and(|t| t.auto) => Precision::Int8,
             Precision::Auto => Precision::F32,

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::quant_conv::Quant;
+use super::quant_conv::{Quant, Quant16, Source};
 
 /// Bins of a histogram: enough for a 256-level choice to be made at sub-step resolution.
 const BINS: usize = 4096;
@@ -158,6 +158,10 @@ pub struct Layer {
     pub max: Vec<f32>,
     /// false: the layer stays f32 (it costs too much fidelity in int8).
     pub int8: bool,
+    /// true: its inputs are quantised to 16 bits over the observed range (two bytes, each summed
+    /// by the int8 kernels: twice an int8 layer's work, for a layer 8 bits cost too much).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub wide: bool,
 }
 
 impl Layer {
@@ -170,14 +174,24 @@ impl Layer {
             min: histograms.iter().map(|h| h.observed().0).collect(),
             max: histograms.iter().map(|h| h.observed().1).collect(),
             int8,
+            wide: false,
         }
     }
 
-    pub fn quant(&self) -> Vec<Quant> {
+    /// How each input is quantised: the chosen 8-bit range, or 16 bits over the observed one.
+    pub fn quant(&self) -> Vec<Source> {
+        if self.wide {
+            return self
+                .min
+                .iter()
+                .zip(&self.max)
+                .map(|(&lo, &hi)| Source::Bits16(Quant16::covering(lo, hi)))
+                .collect();
+        }
         self.scale
             .iter()
             .zip(&self.zero)
-            .map(|(&scale, &zero)| Quant { scale, zero })
+            .map(|(&scale, &zero)| Source::Bits8(Quant { scale, zero }))
             .collect()
     }
 }
@@ -207,17 +221,19 @@ const TABLES: &[&str] = &[
 impl Table {
     /// The table for a model file of `size` bytes (the layer names then have to fit): the
     /// file `REMOVEBGD_INT8_TABLE` names when it is for that size (to try a table without a
-    /// rebuild), else the embedded one.
-    pub fn for_model(size: u64) -> Option<Table> {
+    /// rebuild), else the embedded one. A named file that cannot be read or parsed is an error,
+    /// not a silent fall-back: a run that was meant to try a table must not measure another.
+    pub fn for_model(size: u64) -> Result<Option<Table>, String> {
         if let Some(path) = std::env::var_os("REMOVEBGD_INT8_TABLE") {
-            match std::fs::read_to_string(&path).map(|t| toml::from_str::<Table>(&t)) {
-                Ok(Ok(table)) if table.size == size => return Some(table),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => tracing::warn!(path = ?path, "REMOVEBGD_INT8_TABLE: {e}"),
-                Err(e) => tracing::warn!(path = ?path, "REMOVEBGD_INT8_TABLE: {e}"),
+            let shown = std::path::Path::new(&path).display().to_string();
+            let text = std::fs::read_to_string(&path).map_err(|e| format!("REMOVEBGD_INT8_TABLE={shown}: {e}"))?;
+            let table = toml::from_str::<Table>(&text).map_err(|e| format!("REMOVEBGD_INT8_TABLE={shown}: {e}"))?;
+            if table.size == size {
+                return Ok(Some(table));
             }
+            tracing::info!(path = %shown, "REMOVEBGD_INT8_TABLE is for another model file; using the embedded table");
         }
-        Self::embedded(size)
+        Ok(Self::embedded(size))
     }
 
     /// The embedded table for a model file of `size` bytes.

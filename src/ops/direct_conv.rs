@@ -36,7 +36,9 @@ use tract_onnx::tract_core::ops::binary::TypedBinOp;
 use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, MaxPool};
 use tract_onnx::tract_core::ops::nn::DataFormat;
 
-use super::{avx512, nchw_f32};
+#[cfg(target_arch = "x86_64")]
+use super::avx512;
+use super::nchw_f32;
 
 /// Output channels x vectors per tile, one accumulator each: with AVX-512, 8 x 3 = 24 of the 32
 /// registers; with AVX2, 6 x 2 = 12 of the 16 (the compiler spilled a 4 x 3 tile's).

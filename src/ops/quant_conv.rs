@@ -15,9 +15,15 @@
 //!   - `NeonDot`: `sdot` by lane (the copy holds `q - 128` as s8, corrected for in the sums);
 //!   - `Neon`: `smull` of s8 into i16 and pairwise widening adds into i32 (Cortex-A72);
 //!   - `Scalar`: plain loops, for CPUs with none of these.
-//! - **Requantisation.** One fixed order of f32 operations on every path, never fused:
-//!   `((sum - zero * wsum) as f32 * (scale * wscale)) + bias`, then the Relu, then the residual.
-//!   So the outputs, and the masks, are bit-identical across instruction sets and architectures.
+//! - **Concatenations.** Each concatenated input keeps its own range and its own weight scales
+//!   (per output channel and input): its channels start a new group of four in the copy, the
+//!   kernels sum it on its own, and the inputs' sums meet in f32.
+//! - **Weights.** s8 per output channel (and input), with the step of least squared error
+//!   between max/127 and half of it, quantised at load from the shipped model file.
+//! - **Requantisation.** One fixed order of f32 operations on every path, never fused: per
+//!   input `(sum - zero * wsum) as f32 * (scale * wscale)`, added input by input, then the bias,
+//!   the Relu, the residual. So the outputs, and the masks, are bit-identical across
+//!   instruction sets and architectures.
 //!
 //! The outputs stay f32: the next layer quantises with its own range as it copies.
 
@@ -49,9 +55,89 @@ impl Quant {
     /// infinities and NaN land on an end of the range the same way everywhere).
     #[inline(always)]
     pub fn quantise(inverse: f32, zero: i32, v: f32) -> u8 {
-        let t = (v * inverse).max(-256.0).min(256.0);
-        (t.round_ties_even() as i32 + zero).clamp(0, 255) as u8
+        quantise_byte(inverse, zero, 255, 0, v)
     }
+}
+
+/// 16-bit activation quantisation, for the layers 8 bits cost too much fidelity:
+/// `real = scale * (q - zero)`, `q` in 0..=65535. The copy holds it as two bytes, each summed
+/// by the int8 kernels as if it were an input of its own (high byte with 256 times the step).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Quant16 {
+    pub scale: f32,
+    pub zero: u16,
+}
+
+impl Quant16 {
+    /// The parameters that cover `[lo, hi]` (widened to include 0, which stays exact).
+    pub fn covering(lo: f32, hi: f32) -> Quant16 {
+        let (lo, hi) = (lo.min(0.0), hi.max(0.0));
+        let scale = if hi > lo { (hi - lo) / 65535.0 } else { 1.0 };
+        let zero = (-lo / scale).round_ties_even().clamp(0.0, 65535.0) as u16;
+        Quant16 { scale, zero }
+    }
+}
+
+/// How one input of a convolution is quantised.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Source {
+    Bits8(Quant),
+    Bits16(Quant16),
+}
+
+/// One byte of an input as the copy holds it: the input's values quantised with `scale` and
+/// `zero` to `0..=max` (255 or 65535), then the byte at bit `shift` (0 or 8).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Part {
+    input: usize,
+    scale: f32,
+    zero: i32,
+    max: i32,
+    shift: u32,
+}
+
+impl Part {
+    /// The parts of `source`, input `input`: one for 8 bits, the high then the low byte for 16.
+    fn of(input: usize, source: Source) -> Vec<Part> {
+        match source {
+            Source::Bits8(q) => vec![Part {
+                input,
+                scale: q.scale,
+                zero: q.zero as i32,
+                max: 255,
+                shift: 0,
+            }],
+            Source::Bits16(q) => [8, 0]
+                .map(|shift| Part {
+                    input,
+                    scale: q.scale,
+                    zero: q.zero as i32,
+                    max: 65535,
+                    shift,
+                })
+                .to_vec(),
+        }
+    }
+
+    /// The byte the padding (a real 0) holds.
+    fn zero_byte(&self) -> u8 {
+        ((self.zero >> self.shift) & 255) as u8
+    }
+
+    /// The real step of one unit of this byte.
+    fn step(&self) -> f32 {
+        self.scale * (1u32 << self.shift) as f32
+    }
+}
+
+/// `v` quantised to `0..=max` with `inverse` (1 / scale) and `zero`, then the byte at `shift`:
+/// the one definition every path follows (clamped before rounding, so infinities and NaN land
+/// on an end of the range the same way everywhere).
+#[inline(always)]
+fn quantise_byte(inverse: f32, zero: i32, max: i32, shift: u32, v: f32) -> u8 {
+    let limit = (max + 1) as f32;
+    let t = (v * inverse).max(-limit).min(limit);
+    (((t.round_ties_even() as i32 + zero).clamp(0, max) >> shift) & 255) as u8
 }
 
 /// The instruction set an int8 convolution runs on.
@@ -67,12 +153,42 @@ pub enum QIsa {
 
 /// Pixels per vector, output channels and vectors per tile, and vectors per tile of a single
 /// channel, per instruction set.
-const VNNI512: Shape = Shape { lanes: 16, t: 8, n: 3, single: 8 };
-const AVXVNNI: Shape = Shape { lanes: 8, t: 6, n: 2, single: 6 };
-const AVX2: Shape = Shape { lanes: 8, t: 6, n: 1, single: 6 };
-const NEONDOT: Shape = Shape { lanes: 4, t: 8, n: 3, single: 8 };
-const NEON: Shape = Shape { lanes: 4, t: 4, n: 2, single: 8 };
-const SCALAR: Shape = Shape { lanes: 4, t: 4, n: 1, single: 4 };
+const VNNI512: Shape = Shape {
+    lanes: 16,
+    t: 8,
+    n: 3,
+    single: 8,
+};
+const AVXVNNI: Shape = Shape {
+    lanes: 8,
+    t: 6,
+    n: 2,
+    single: 6,
+};
+const AVX2: Shape = Shape {
+    lanes: 8,
+    t: 6,
+    n: 1,
+    single: 6,
+};
+const NEONDOT: Shape = Shape {
+    lanes: 4,
+    t: 8,
+    n: 3,
+    single: 8,
+};
+const NEON: Shape = Shape {
+    lanes: 4,
+    t: 4,
+    n: 2,
+    single: 8,
+};
+const SCALAR: Shape = Shape {
+    lanes: 4,
+    t: 4,
+    n: 1,
+    single: 4,
+};
 
 #[derive(Debug, Clone, Copy)]
 struct Shape {
@@ -81,7 +197,6 @@ struct Shape {
     n: usize,
     single: usize,
 }
-
 
 impl QIsa {
     /// Every instruction set there is a kernel for, fastest first.
@@ -174,79 +289,137 @@ enum Packed {
 pub struct QuantConv {
     isa: QIsa,
     geometry: Geometry,
-    /// Per input channel: how it is quantised (each concatenated input has its own range).
-    inputs: Vec<Quant>,
+    /// Per input (concatenated in `geometry.channels`' order): how it is quantised.
+    sources: Vec<Source>,
+    /// What the copy holds, in order: each input's byte (two for a 16-bit input). Each part
+    /// starts a new group of four channels in the copy and has its own integer sum.
+    parts: Vec<Part>,
+    /// Per part, its first group of four channels in the copy; then the total.
+    group_starts: Vec<usize>,
     band: Band,
     /// Per tap (ky, kx): its byte offset in a group's copy.
     tap_offsets: Vec<usize>,
     tile_channels: usize,
     weights: Arc<Packed>,
-    /// Per output channel: what turns the kernel's sum into `sum((q - zero) * w)`, the f32
-    /// factor (input scale times weight scale), and the bias.
+    /// Per part, then per output channel (`[part * M + o]`): what turns the kernel's sum
+    /// into `sum((q - zero) * w)`, and the f32 factor (input scale times weight scale).
     correction: Arc<Vec<i32>>,
     factor: Arc<Vec<f32>>,
+    /// Per output channel.
     bias: Arc<Vec<f32>>,
 }
 
 impl Eq for QuantConv {}
 
 /// Per-output-channel symmetric s8 weights of `weights` ([M][K]): the values (in -127..=127)
-/// and their scales.
+/// and their scales, each the step with the least squared error.
 pub fn quantise_weights(weights: &[f32], m: usize) -> (Vec<i8>, Vec<f32>) {
     let k = weights.len() / m;
     let mut q = Vec::with_capacity(weights.len());
     let mut scales = Vec::with_capacity(m);
     for row in weights.chunks_exact(k) {
         let max = row.iter().fold(0f32, |a, v| a.max(v.abs()));
-        let scale = if max > 0.0 { max / 127.0 } else { 1.0 };
-        q.extend(row.iter().map(|v| (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8));
+        // The step with the least squared error, from max/127 down to half of it: a few
+        // large weights would otherwise set a coarse step for all the others.
+        let error = |scale: f32| -> f64 {
+            row.iter()
+                .map(|v| ((v / scale).round_ties_even().clamp(-127.0, 127.0) * scale - v) as f64)
+                .map(|e| e * e)
+                .sum()
+        };
+        let scale = if max > 0.0 {
+            (50..=100)
+                .rev()
+                .map(|k| max * k as f32 / (100.0 * 127.0))
+                .min_by(|a, b| error(*a).total_cmp(&error(*b)))
+                .expect("candidates")
+        } else {
+            1.0
+        };
+        q.extend(
+            row.iter()
+                .map(|v| (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8),
+        );
         scales.push(scale);
     }
     (q, scales)
 }
 
+/// [`quantise_weights`] with one scale per output channel and per input: `weights` is
+/// [M][C][taps], `channels` the inputs' channel counts. Returns the values ([M][C][taps]) and
+/// the scales (`[input * M + o]`).
+pub fn quantise_weights_by_input(weights: &[f32], m: usize, channels: &[usize], taps: usize) -> (Vec<i8>, Vec<f32>) {
+    let c: usize = channels.iter().sum();
+    let mut q = vec![0i8; weights.len()];
+    let mut scales = vec![0f32; channels.len() * m];
+    for (o, row) in weights.chunks_exact(c * taps).enumerate() {
+        let mut first = 0;
+        for (s, &n) in channels.iter().enumerate() {
+            let part = &row[first * taps..(first + n) * taps];
+            let (values, scale) = quantise_weights(part, 1);
+            q[o * c * taps + first * taps..][..n * taps].copy_from_slice(&values);
+            scales[s * m + o] = scale[0];
+            first += n;
+        }
+    }
+    (q, scales)
+}
+
 impl QuantConv {
-    /// `sources` has one [`Quant`] per input (concatenated in `geometry.channels`' order).
-    /// Inputs with different ranges keep their own steps: each channel's weights are scaled by
-    /// its input's step over the largest step before they are quantised, so one integer sum
-    /// and one factor per output channel still hold.
-    pub(crate) fn new(isa: QIsa, geometry: Geometry, weights: &[f32], bias: Vec<f32>, sources: &[Quant]) -> QuantConv {
+    /// `sources` has one [`Source`] per input (concatenated in `geometry.channels`' order).
+    /// Inputs with different ranges keep their own steps and their own weight scales: each
+    /// input's channels start a new group of four in the copy (a 16-bit input's two bytes
+    /// each), the kernels sum each part separately, and the sums meet in f32 (one fixed order:
+    /// first part's term, plus the next's, ..., plus the bias).
+    pub(crate) fn new(isa: QIsa, geometry: Geometry, weights: &[f32], bias: Vec<f32>, sources: &[Source]) -> QuantConv {
         assert_eq!(sources.len(), geometry.channels.len(), "one range per input");
         let m = geometry.output[1];
         let c: usize = geometry.channels.iter().sum();
-        let groups = c.div_ceil(4);
+        let parts: Vec<Part> = sources.iter().enumerate().flat_map(|(s, &q)| Part::of(s, q)).collect();
+        let mut group_starts = vec![0];
+        for p in &parts {
+            group_starts.push(group_starts.last().unwrap() + geometry.channels[p.input].div_ceil(4));
+        }
+        let groups = *group_starts.last().unwrap();
         let [kh, kw] = geometry.kernel;
         let taps = kh * kw;
-        let Shape { lanes: vl, t: mt, n: nv, .. } = isa.shape();
+        let Shape {
+            lanes: vl,
+            t: mt,
+            n: nv,
+            ..
+        } = isa.shape();
         let tc = if m < mt { 1 } else { mt };
-        let inputs: Vec<Quant> = geometry
-            .channels
-            .iter()
-            .zip(sources)
-            .flat_map(|(&n, &q)| std::iter::repeat_n(q, n))
-            .collect();
-        let step = sources.iter().fold(0f32, |a, q| a.max(q.scale));
-        let folded: Vec<f32> = weights
-            .chunks_exact(taps)
-            .enumerate()
-            .flat_map(|(i, per_in)| {
-                let ratio = inputs[i % c].scale / step;
-                per_in.iter().map(move |w| if ratio == 1.0 { *w } else { w * ratio })
-            })
-            .collect();
-        let (q, scales) = quantise_weights(&folded, m);
+        let (q, scales) = quantise_weights_by_input(weights, m, &geometry.channels, taps);
         let mut packed = vec![0i8; m.div_ceil(tc) * groups * taps * tc * 4];
         let offset = if isa.signed() { 128 } else { 0 };
-        let mut correction = vec![0i32; m];
+        let mut correction = vec![0i32; parts.len() * m];
+        let first: Vec<usize> = geometry
+            .channels
+            .iter()
+            .scan(0, |a, n| {
+                *a += n;
+                Some(*a - n)
+            })
+            .collect();
         for (o, per_out) in q.chunks_exact(c * taps).enumerate() {
-            for (i, per_in) in per_out.chunks_exact(taps).enumerate() {
-                for (t, &v) in per_in.iter().enumerate() {
-                    packed[((((o / tc) * groups + i / 4) * taps + t) * tc + o % tc) * 4 + i % 4] = v;
-                    correction[o] += (offset - inputs[i].zero as i32) * v as i32;
+            for (k, part) in parts.iter().enumerate() {
+                let n = geometry.channels[part.input];
+                let per_in = &per_out[first[part.input] * taps..][..n * taps];
+                for (i, per_tap) in per_in.chunks_exact(taps).enumerate() {
+                    let at = group_starts[k] * 4 + i;
+                    for (t, &v) in per_tap.iter().enumerate() {
+                        packed[((((o / tc) * groups + at / 4) * taps + t) * tc + o % tc) * 4 + at % 4] = v;
+                        correction[k * m + o] += (offset - part.zero_byte() as i32) * v as i32;
+                    }
                 }
             }
         }
-        let factor = scales.iter().map(|s| step * s).collect();
+        let scales = &scales;
+        let factor = parts
+            .iter()
+            .flat_map(|p| (0..m).map(move |o| p.step() * scales[p.input * m + o]))
+            .collect();
         let weights = match isa {
             QIsa::Avx2 => Packed::I16(packed.iter().map(|&v| v as i16).collect()),
             _ => Packed::I8(packed),
@@ -258,7 +431,9 @@ impl QuantConv {
         QuantConv {
             isa,
             geometry,
-            inputs,
+            sources: sources.to_vec(),
+            parts,
+            group_starts,
             band,
             tap_offsets,
             tile_channels: tc,
@@ -323,7 +498,9 @@ impl QuantConv {
         unsafe fn avx2(op: &QuantConv, inputs: &[&[f32]], scratch: &mut Vec<u8>, y0: usize) {
             op.fill(inputs, scratch, y0)
         }
-        // SAFETY: the caller guarantees the kernel's features, which include these.
+        // SAFETY: the caller guarantees the kernel's features, which include these. (Not an
+        // unsafe call on aarch64, where only the portable fill is left.)
+        #[allow(unused_unsafe)]
         unsafe {
             match self.isa {
                 #[cfg(target_arch = "x86_64")]
@@ -344,24 +521,23 @@ impl QuantConv {
         let b = self.band;
         let scale = if g.pooled { 2 } else { 1 };
         let plane = scale * h * scale * w;
-        let mut planes: Vec<&[f32]> = Vec::with_capacity(g.channels.iter().sum());
-        for input in inputs {
-            planes.extend(input.chunks_exact(plane));
-        }
-        let groups = planes.len().div_ceil(4);
+        let groups = *self.group_starts.last().expect("one start per input and the total");
         let group_len = b.channel_len * 4;
         if scratch.len() < groups * group_len {
             scratch.resize(groups * group_len, 0);
         }
         let flip: u8 = if self.isa.signed() { 0x80 } else { 0 };
         let flips = u32::from_ne_bytes([flip; 4]);
-        for (group, copy) in scratch.chunks_exact_mut(group_len).take(groups).enumerate() {
-            let channels = &planes[group * 4..planes.len().min(group * 4 + 4)];
-            // Per channel of the group; channels past the last hold the zero point of the last.
-            let quant: [Quant; 4] = std::array::from_fn(|i| self.inputs[(group * 4 + i).min(planes.len() - 1)]);
-            let padding = u32::from_le_bytes(quant.map(|q| q.zero)) ^ flips;
-            let inverse = quant.map(|q| 1.0 / q.scale);
-            let zero = quant.map(|q| q.zero as i32);
+        // Each part's channels in groups of four (the last padded with its zero point).
+        let mut copies = scratch.chunks_exact_mut(group_len);
+        let groups = self
+            .parts
+            .iter()
+            .flat_map(|p| inputs[p.input].chunks(4 * plane).map(move |c| (c, p)));
+        for (channels, part) in groups {
+            let copy = copies.next().expect("the copy has every part's groups");
+            let padding = u32::from_le_bytes([part.zero_byte(); 4]) ^ flips;
+            let quant = (1.0 / part.scale, part.zero, part.max, part.shift);
             for r in 0..b.rows {
                 let row = &mut copy[r * b.row_len * 4..][..b.row_len * 4];
                 let words = bytemuck_words(row);
@@ -373,15 +549,18 @@ impl QuantConv {
                 words[..g.pad[1]].fill(padding);
                 words[g.pad[1] + w..].fill(padding);
                 let dst = &mut words[g.pad[1]..][..w];
-                let rows: [Option<&[f32]>; 4] =
-                    std::array::from_fn(|i| channels.get(i).map(|p| &p[scale * iy * scale * w..][..scale * scale * w]));
+                let rows: [Option<&[f32]>; 4] = std::array::from_fn(|i| {
+                    channels
+                        .get(i * plane..(i + 1) * plane)
+                        .map(|p| &p[scale * iy * scale * w..][..scale * scale * w])
+                });
                 #[cfg(target_arch = "x86_64")]
                 if self.isa == QIsa::Vnni512 {
                     // SAFETY: the kernel's features include AVX-512F and BW.
-                    unsafe { quantise_quads_avx512(rows, g.pooled, w, inverse, zero, flips, dst) };
+                    unsafe { quantise_quads_avx512(rows, g.pooled, w, quant, flips, dst) };
                     continue;
                 }
-                quantise_quads(rows, g.pooled, w, inverse, zero, flips, dst);
+                quantise_quads(rows, g.pooled, w, quant, flips, dst);
             }
         }
     }
@@ -396,12 +575,11 @@ impl QuantConv {
         mut tile: impl FnMut(usize, usize, &[W], usize, usize),
     ) {
         let [_, m, oh, ow] = self.geometry.output;
-        let c: usize = self.geometry.channels.iter().sum();
         let per_row = ow.div_ceil(VL);
         let vectors = per_row * self.band.rows_out.min(oh - y0);
         let tc = self.tile_channels;
         let tiles = m.div_ceil(tc);
-        let tile_weights = c.div_ceil(4) * self.tap_offsets.len() * tc * 4;
+        let tile_weights = self.groups() * self.tap_offsets.len() * tc * 4;
         let group = (WEIGHT_BUDGET / (tile_weights * size_of::<W>())).clamp(1, tiles);
         for first in (0..tiles).step_by(group) {
             let end = (first + group).min(tiles);
@@ -440,7 +618,7 @@ impl QuantConv {
         v: usize,
     ) -> ([usize; N], [usize; N], [usize; N]) {
         let [_, _, _, ow] = self.geometry.output;
-        let groups = self.geometry.channels.iter().sum::<usize>().div_ceil(4);
+        let groups = self.groups();
         let last_tap = *self.tap_offsets.last().expect("a kernel has taps");
         let per_row = ow.div_ceil(VL);
         let mut base = [0usize; N];
@@ -457,30 +635,86 @@ impl QuantConv {
         (base, at, lanes)
     }
 
-    /// Stores output channel `o` for one vector: `sums` are the kernel's, `n` of them inside the
-    /// row, from output `at` of the plane. The requantisation every path shares.
+    /// Groups of four channels in the copy (each part's channels start a new one).
+    fn groups(&self) -> usize {
+        *self.group_starts.last().expect("one start per input and the total")
+    }
+
+    /// Adds part `s`'s term for output channel `o` and one vector to `partial`: `sums` are the
+    /// kernel's integer sums over that part's groups. The first part's term starts the sum.
+    /// The order every path shares: `(sum + correction) as f32 * factor`, added part by part.
     #[inline(always)]
-    unsafe fn store<const VL: usize>(&self, out: &SharedOut, o: usize, at: usize, n: usize, sums: [i32; VL]) {
-        let [_, _, oh, ow] = self.geometry.output;
-        let (correction, factor, bias) = (self.correction[o], self.factor[o], self.bias[o]);
-        let mut r = [0f32; VL];
+    fn term<const VL: usize>(&self, s: usize, o: usize, sums: [i32; VL], partial: &mut [f32; VL]) {
+        let k = s * self.geometry.output[1] + o;
+        let (correction, factor) = (self.correction[k], self.factor[k]);
         for l in 0..VL {
-            r[l] = sums[l].wrapping_add(correction) as f32 * factor + bias;
-            if self.geometry.relu {
-                r[l] = if r[l] > 0.0 { r[l] } else { 0.0 };
+            let t = sums[l].wrapping_add(correction) as f32 * factor;
+            partial[l] = if s == 0 { t } else { partial[l] + t };
+        }
+    }
+
+    /// Adds part `part`'s terms for a tile's `T` output channels by `N` vectors to `partial`;
+    /// `sums(i, j)` gives the kernel's integer sums for channel `i` and vector `j`.
+    #[inline(always)]
+    fn terms<const VL: usize, const T: usize, const N: usize>(
+        &self,
+        part: usize,
+        tile: usize,
+        partial: &mut [[[f32; VL]; N]; T],
+        sums: impl Fn(usize, usize) -> [i32; VL],
+    ) {
+        let m = self.geometry.output[1];
+        for (i, partial) in partial.iter_mut().enumerate() {
+            let o = tile * T + i;
+            if o >= m {
+                break;
+            }
+            for (j, partial) in partial.iter_mut().enumerate() {
+                self.term::<VL>(part, o, sums(i, j), partial);
             }
         }
-        let offset = o * oh * ow + at;
-        // SAFETY: lanes `at..at + n` are inside one output row, which only this task writes,
-        // and inside the residual of the same shape.
-        unsafe {
-            if self.geometry.residual {
-                let add = std::slice::from_raw_parts(out.1.add(offset), n);
-                for l in 0..n {
-                    r[l] += add[l];
+    }
+
+    /// Stores a tile's `T` output channels by `N` vectors (the `lanes[j]` pixels of each inside
+    /// the row, from output `at[j]` of the plane): the parts' terms plus the bias, then the
+    /// Relu, then the residual. The requantisation every path shares.
+    #[inline(always)]
+    unsafe fn store_tile<const VL: usize, const T: usize, const N: usize>(
+        &self,
+        out: &SharedOut,
+        tile: usize,
+        at: [usize; N],
+        lanes: [usize; N],
+        partial: &[[[f32; VL]; N]; T],
+    ) {
+        let [_, m, oh, ow] = self.geometry.output;
+        for (i, partial) in partial.iter().enumerate() {
+            let o = tile * T + i;
+            if o >= m {
+                break;
+            }
+            let bias = self.bias[o];
+            for j in 0..N {
+                let mut r = [0f32; VL];
+                for l in 0..VL {
+                    r[l] = partial[j][l] + bias;
+                    if self.geometry.relu {
+                        r[l] = if r[l] > 0.0 { r[l] } else { 0.0 };
+                    }
+                }
+                let (offset, n) = (o * oh * ow + at[j], lanes[j]);
+                // SAFETY: lanes `at..at + n` are inside one output row, which only this task
+                // writes, and inside the residual of the same shape.
+                unsafe {
+                    if self.geometry.residual {
+                        let add = std::slice::from_raw_parts(out.1.add(offset), n);
+                        for l in 0..n {
+                            r[l] += add[l];
+                        }
+                    }
+                    std::slice::from_raw_parts_mut(out.0.add(offset), n).copy_from_slice(&r[..n]);
                 }
             }
-            std::slice::from_raw_parts_mut(out.0.add(offset), n).copy_from_slice(&r[..n]);
         }
     }
 
@@ -512,48 +746,42 @@ impl QuantConv {
         v: usize,
     ) {
         const VL: usize = SCALAR.lanes;
-        let m = self.geometry.output[1];
-        let groups = self.geometry.channels.iter().sum::<usize>().div_ceil(4);
         let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights.len(), y0, v);
-        let mut acc = [[[0i32; VL]; N]; T];
         let mut w = weights.chunks_exact(4);
-        for g in 0..groups {
-            let copy = &scratch[g * self.band.channel_len * 4..];
-            for &off in &self.tap_offsets {
-                for acc in acc.iter_mut() {
-                    let k = w.next().expect("sized by `vectors`");
-                    for j in 0..N {
-                        for l in 0..VL {
-                            let x = &copy[base[j] + off + 4 * l..][..4];
-                            acc[j][l] += (0..4).map(|i| x[i] as i32 * k[i] as i32).sum::<i32>();
+        let mut partial = [[[0f32; VL]; N]; T];
+        for part in 0..self.parts.len() {
+            let mut acc = [[[0i32; VL]; N]; T];
+            for g in self.group_starts[part]..self.group_starts[part + 1] {
+                let copy = &scratch[g * self.band.channel_len * 4..];
+                for &off in &self.tap_offsets {
+                    for acc in acc.iter_mut() {
+                        let k = w.next().expect("sized by `vectors`");
+                        for j in 0..N {
+                            for l in 0..VL {
+                                let x = &copy[base[j] + off + 4 * l..][..4];
+                                acc[j][l] += (0..4).map(|i| x[i] as i32 * k[i] as i32).sum::<i32>();
+                            }
                         }
                     }
                 }
             }
+            self.terms::<VL, T, N>(part, tile, &mut partial, |i, j| acc[i][j]);
         }
-        for (i, acc) in acc.iter().enumerate() {
-            let o = tile * T + i;
-            if o >= m {
-                break;
-            }
-            for j in 0..N {
-                // SAFETY: as for this function.
-                unsafe { self.store::<VL>(out, o, at[j], lanes[j], acc[j]) };
-            }
-        }
+        // SAFETY: as for this function.
+        unsafe { self.store_tile::<VL, T, N>(out, tile, at, lanes, &partial) };
     }
 }
 
-/// Writes one row of quads: pixel `x` gets the four channels' quantised values at `x` (their
-/// 2x2 maximum when `pooled`), a missing channel the zero point, all XORed with `flips`.
+/// Writes one row of quads: pixel `x` gets the four channels' quantised bytes at `x` (of their
+/// 2x2 maximum when `pooled`; `quantise_byte` with the four parameters), a missing channel the
+/// zero point's byte, all XORed with `flips`.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn quantise_quads(
     rows: [Option<&[f32]>; 4],
     pooled: bool,
     w: usize,
-    inverse: [f32; 4],
-    zero: [i32; 4],
+    (inverse, zero, max, shift): (f32, i32, i32, u32),
     flips: u32,
     dst: &mut [u32],
 ) {
@@ -561,9 +789,8 @@ fn quantise_quads(
     for x0 in (0..w).step_by(64) {
         let n = (w - x0).min(64);
         for (c, row) in rows.iter().enumerate() {
-            let (inverse, zero) = (inverse[c], zero[c]);
             let Some(row) = row else {
-                bytes[c][..n].fill(zero as u8);
+                bytes[c][..n].fill(((zero >> shift) & 255) as u8);
                 continue;
             };
             if pooled {
@@ -572,11 +799,11 @@ fn quantise_quads(
                     let i = 2 * (x0 + x);
                     // tract's order of comparisons, from f32::MIN, as the f32 kernel.
                     let v = f32::MIN.max(above[i]).max(above[i + 1]).max(below[i]).max(below[i + 1]);
-                    bytes[c][x] = Quant::quantise(inverse, zero, v);
+                    bytes[c][x] = quantise_byte(inverse, zero, max, shift, v);
                 }
             } else {
                 for (b, &v) in bytes[c][..n].iter_mut().zip(&row[x0..x0 + n]) {
-                    *b = Quant::quantise(inverse, zero, v);
+                    *b = quantise_byte(inverse, zero, max, shift, v);
                 }
             }
         }
@@ -587,7 +814,8 @@ fn quantise_quads(
 }
 
 /// `quantise_quads` 16 pixels at a time: the same operations in the same order (multiply,
-/// clamp to +-256 with NaN to -256, round to nearest even, add the zero point, clamp to 0..=255).
+/// clamp to +-(max + 1) with NaN to the low end, round to nearest even, add the zero point,
+/// clamp to 0..=max, take the byte at `shift`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw")]
 #[allow(clippy::too_many_arguments)]
@@ -595,8 +823,7 @@ unsafe fn quantise_quads_avx512(
     rows: [Option<&[f32]>; 4],
     pooled: bool,
     w: usize,
-    inverse: [f32; 4],
-    zero: [i32; 4],
+    (inverse, zero, max, shift): (f32, i32, i32, u32),
     flips: u32,
     dst: &mut [u32],
 ) {
@@ -607,8 +834,11 @@ unsafe fn quantise_quads_avx512(
     }
     // SAFETY: loads and stores are masked to the `w` pixels of rows checked above.
     unsafe {
-        let (low, high) = (_mm512_set1_ps(-256.0), _mm512_set1_ps(256.0));
-        let (floor, ceil) = (_mm512_setzero_si512(), _mm512_set1_epi32(255));
+        let limit = (max + 1) as f32;
+        let (low, high) = (_mm512_set1_ps(-limit), _mm512_set1_ps(limit));
+        let (floor, ceil) = (_mm512_setzero_si512(), _mm512_set1_epi32(max));
+        let (inv, z) = (_mm512_set1_ps(inverse), _mm512_set1_epi32(zero));
+        let (by, byte) = (_mm512_set1_epi32(shift as i32), _mm512_set1_epi32(255));
         let even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
         let odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
         let flip = _mm512_set1_epi32(flips as i32);
@@ -617,7 +847,6 @@ unsafe fn quantise_quads_avx512(
             let lanes = mask16(n);
             let mut word = flip;
             for (c, row) in rows.iter().enumerate() {
-                let (inv, z) = (_mm512_set1_ps(inverse[c]), _mm512_set1_epi32(zero[c]));
                 let q = match row {
                     None => z,
                     Some(row) => {
@@ -641,6 +870,7 @@ unsafe fn quantise_quads_avx512(
                         _mm512_min_epi32(_mm512_max_epi32(q, floor), ceil)
                     }
                 };
+                let q = _mm512_and_si512(_mm512_srlv_epi32(q, by), byte);
                 word = _mm512_xor_si512(word, _mm512_sllv_epi32(q, _mm512_set1_epi32(8 * c as i32)));
             }
             _mm512_mask_storeu_epi32(dst.as_mut_ptr().add(x0).cast(), lanes, word);
@@ -698,39 +928,35 @@ impl QuantConv {
     ) {
         use std::arch::x86_64::*;
         const VL: usize = VNNI512.lanes;
-        let m = self.geometry.output[1];
-        let groups = self.geometry.channels.iter().sum::<usize>().div_ceil(4);
         let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights.len(), y0, v);
         let s = scratch.as_ptr();
         let mut w = weights.as_ptr();
         // SAFETY: bounds checked by `vectors`; the caller guarantees the features.
         unsafe {
-            let mut acc = [[_mm512_setzero_si512(); N]; T];
-            for g in 0..groups {
-                let copy = s.add(g * self.band.channel_len * 4);
-                for &off in &self.tap_offsets {
-                    let mut x = [_mm512_setzero_si512(); N];
-                    for j in 0..N {
-                        x[j] = _mm512_loadu_si512(copy.add(base[j] + off).cast());
-                    }
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let k = _mm512_set1_epi32(w.add(4 * i).cast::<i32>().read_unaligned());
+            let mut partial = [[[0f32; VL]; N]; T];
+            for part in 0..self.parts.len() {
+                let mut acc = [[_mm512_setzero_si512(); N]; T];
+                for g in self.group_starts[part]..self.group_starts[part + 1] {
+                    let copy = s.add(g * self.band.channel_len * 4);
+                    for &off in &self.tap_offsets {
+                        let mut x = [_mm512_setzero_si512(); N];
                         for j in 0..N {
-                            acc[j] = _mm512_dpbusd_epi32(acc[j], x[j], k);
+                            x[j] = _mm512_loadu_si512(copy.add(base[j] + off).cast());
                         }
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let k = _mm512_set1_epi32(w.add(4 * i).cast::<i32>().read_unaligned());
+                            for j in 0..N {
+                                acc[j] = _mm512_dpbusd_epi32(acc[j], x[j], k);
+                            }
+                        }
+                        w = w.add(4 * T);
                     }
-                    w = w.add(4 * T);
                 }
+                self.terms::<VL, T, N>(part, tile, &mut partial, |i, j| {
+                    std::mem::transmute::<__m512i, [i32; VL]>(acc[i][j])
+                });
             }
-            for (i, acc) in acc.iter().enumerate() {
-                let o = tile * T + i;
-                if o >= m {
-                    break;
-                }
-                for j in 0..N {
-                    self.store::<VL>(out, o, at[j], lanes[j], std::mem::transmute::<__m512i, [i32; VL]>(acc[j]));
-                }
-            }
+            self.store_tile::<VL, T, N>(out, tile, at, lanes, &partial);
         }
     }
 
@@ -765,39 +991,35 @@ impl QuantConv {
     ) {
         use std::arch::x86_64::*;
         const VL: usize = AVXVNNI.lanes;
-        let m = self.geometry.output[1];
-        let groups = self.geometry.channels.iter().sum::<usize>().div_ceil(4);
         let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights.len(), y0, v);
         let s = scratch.as_ptr();
         let mut w = weights.as_ptr();
         // SAFETY: bounds checked by `vectors`; the caller guarantees the features.
         unsafe {
-            let mut acc = [[_mm256_setzero_si256(); N]; T];
-            for g in 0..groups {
-                let copy = s.add(g * self.band.channel_len * 4);
-                for &off in &self.tap_offsets {
-                    let mut x = [_mm256_setzero_si256(); N];
-                    for j in 0..N {
-                        x[j] = _mm256_loadu_si256(copy.add(base[j] + off).cast());
-                    }
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let k = _mm256_set1_epi32(w.add(4 * i).cast::<i32>().read_unaligned());
+            let mut partial = [[[0f32; VL]; N]; T];
+            for part in 0..self.parts.len() {
+                let mut acc = [[_mm256_setzero_si256(); N]; T];
+                for g in self.group_starts[part]..self.group_starts[part + 1] {
+                    let copy = s.add(g * self.band.channel_len * 4);
+                    for &off in &self.tap_offsets {
+                        let mut x = [_mm256_setzero_si256(); N];
                         for j in 0..N {
-                            acc[j] = _mm256_dpbusd_avx_epi32(acc[j], x[j], k);
+                            x[j] = _mm256_loadu_si256(copy.add(base[j] + off).cast());
                         }
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let k = _mm256_set1_epi32(w.add(4 * i).cast::<i32>().read_unaligned());
+                            for j in 0..N {
+                                acc[j] = _mm256_dpbusd_avx_epi32(acc[j], x[j], k);
+                            }
+                        }
+                        w = w.add(4 * T);
                     }
-                    w = w.add(4 * T);
                 }
+                self.terms::<VL, T, N>(part, tile, &mut partial, |i, j| {
+                    std::mem::transmute::<__m256i, [i32; VL]>(acc[i][j])
+                });
             }
-            for (i, acc) in acc.iter().enumerate() {
-                let o = tile * T + i;
-                if o >= m {
-                    break;
-                }
-                for j in 0..N {
-                    self.store::<VL>(out, o, at[j], lanes[j], std::mem::transmute::<__m256i, [i32; VL]>(acc[j]));
-                }
-            }
+            self.store_tile::<VL, T, N>(out, tile, at, lanes, &partial);
         }
     }
 
@@ -837,45 +1059,41 @@ impl QuantConv {
     ) {
         use std::arch::x86_64::*;
         const VL: usize = AVX2.lanes;
-        let m = self.geometry.output[1];
-        let groups = self.geometry.channels.iter().sum::<usize>().div_ceil(4);
         let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights.len(), y0, v);
         let s = scratch.as_ptr();
         let mut w = weights.as_ptr();
         // SAFETY: bounds checked by `vectors`; the caller guarantees the features.
         unsafe {
-            let mut acc = [[[_mm256_setzero_si256(); 2]; N]; T];
-            for g in 0..groups {
-                let copy = s.add(g * self.band.channel_len * 4);
-                for &off in &self.tap_offsets {
-                    let mut x = [[_mm256_setzero_si256(); 2]; N];
-                    for j in 0..N {
-                        for (h, x) in x[j].iter_mut().enumerate() {
-                            *x = _mm256_cvtepu8_epi16(_mm_loadu_si128(copy.add(base[j] + off + 16 * h).cast()));
-                        }
-                    }
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let k = _mm256_set1_epi64x(w.add(4 * i).cast::<i64>().read_unaligned());
+            let mut partial = [[[0f32; VL]; N]; T];
+            for part in 0..self.parts.len() {
+                let mut acc = [[[_mm256_setzero_si256(); 2]; N]; T];
+                for g in self.group_starts[part]..self.group_starts[part + 1] {
+                    let copy = s.add(g * self.band.channel_len * 4);
+                    for &off in &self.tap_offsets {
+                        let mut x = [[_mm256_setzero_si256(); 2]; N];
                         for j in 0..N {
-                            for h in 0..2 {
-                                acc[j][h] = _mm256_add_epi32(acc[j][h], _mm256_madd_epi16(x[j][h], k));
+                            for (h, x) in x[j].iter_mut().enumerate() {
+                                *x = _mm256_cvtepu8_epi16(_mm_loadu_si128(copy.add(base[j] + off + 16 * h).cast()));
                             }
                         }
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let k = _mm256_set1_epi64x(w.add(4 * i).cast::<i64>().read_unaligned());
+                            for j in 0..N {
+                                for h in 0..2 {
+                                    acc[j][h] = _mm256_add_epi32(acc[j][h], _mm256_madd_epi16(x[j][h], k));
+                                }
+                            }
+                        }
+                        w = w.add(4 * T);
                     }
-                    w = w.add(4 * T);
                 }
+                self.terms::<VL, T, N>(part, tile, &mut partial, |i, j| {
+                    std::mem::transmute::<__m256i, [i32; VL]>(_mm256_permute4x64_epi64::<0b11_01_10_00>(
+                        _mm256_hadd_epi32(acc[i][j][0], acc[i][j][1]),
+                    ))
+                });
             }
-            for (i, acc) in acc.iter().enumerate() {
-                let o = tile * T + i;
-                if o >= m {
-                    break;
-                }
-                for j in 0..N {
-                    // [p0 p1 p4 p5 | p2 p3 p6 p7] -> p0..p7.
-                    let sums = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(acc[j][0], acc[j][1]));
-                    self.store::<VL>(out, o, at[j], lanes[j], std::mem::transmute::<__m256i, [i32; VL]>(sums));
-                }
-            }
+            self.store_tile::<VL, T, N>(out, tile, at, lanes, &partial);
         }
     }
 }
@@ -917,8 +1135,6 @@ impl QuantConv {
     ) {
         use std::arch::aarch64::*;
         const VL: usize = NEONDOT.lanes;
-        let m = self.geometry.output[1];
-        let groups = self.geometry.channels.iter().sum::<usize>().div_ceil(4);
         let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights.len(), y0, v);
         let s = scratch.as_ptr();
         let mut w = weights.as_ptr();
@@ -936,42 +1152,40 @@ impl QuantConv {
         }
         // SAFETY: bounds checked by `vectors`; the caller guarantees the features.
         unsafe {
-            let mut acc = [[vdupq_n_s32(0); N]; T];
-            for g in 0..groups {
-                let copy = s.add(g * self.band.channel_len * 4);
-                for &off in &self.tap_offsets {
-                    let mut x = [vdupq_n_s8(0); N];
-                    for j in 0..N {
-                        x[j] = vld1q_s8(copy.add(base[j] + off).cast());
-                    }
-                    if T == 1 {
-                        let k = vreinterpretq_s8_s32(vld1q_dup_s32(w.cast()));
+            let mut partial = [[[0f32; VL]; N]; T];
+            for part in 0..self.parts.len() {
+                let mut acc = [[vdupq_n_s32(0); N]; T];
+                for g in self.group_starts[part]..self.group_starts[part + 1] {
+                    let copy = s.add(g * self.band.channel_len * 4);
+                    for &off in &self.tap_offsets {
+                        let mut x = [vdupq_n_s8(0); N];
                         for j in 0..N {
-                            sdot!(acc[0][j], x[j], k, "0");
+                            x[j] = vld1q_s8(copy.add(base[j] + off).cast());
                         }
-                    } else {
-                        for q in 0..T / 4 {
-                            let k = vld1q_s8(w.add(16 * q));
+                        if T == 1 {
+                            let k = vreinterpretq_s8_s32(vld1q_dup_s32(w.cast()));
                             for j in 0..N {
-                                sdot!(acc[4 * q][j], x[j], k, "0");
-                                sdot!(acc[4 * q + 1][j], x[j], k, "1");
-                                sdot!(acc[4 * q + 2][j], x[j], k, "2");
-                                sdot!(acc[4 * q + 3][j], x[j], k, "3");
+                                sdot!(acc[0][j], x[j], k, "0");
+                            }
+                        } else {
+                            for q in 0..T / 4 {
+                                let k = vld1q_s8(w.add(16 * q));
+                                for j in 0..N {
+                                    sdot!(acc[4 * q][j], x[j], k, "0");
+                                    sdot!(acc[4 * q + 1][j], x[j], k, "1");
+                                    sdot!(acc[4 * q + 2][j], x[j], k, "2");
+                                    sdot!(acc[4 * q + 3][j], x[j], k, "3");
+                                }
                             }
                         }
+                        w = w.add(4 * T);
                     }
-                    w = w.add(4 * T);
                 }
+                self.terms::<VL, T, N>(part, tile, &mut partial, |i, j| {
+                    std::mem::transmute::<int32x4_t, [i32; VL]>(acc[i][j])
+                });
             }
-            for (i, acc) in acc.iter().enumerate() {
-                let o = tile * T + i;
-                if o >= m {
-                    break;
-                }
-                for j in 0..N {
-                    self.store::<VL>(out, o, at[j], lanes[j], std::mem::transmute::<int32x4_t, [i32; VL]>(acc[j]));
-                }
-            }
+            self.store_tile::<VL, T, N>(out, tile, at, lanes, &partial);
         }
     }
 
@@ -1009,41 +1223,36 @@ impl QuantConv {
     ) {
         use std::arch::aarch64::*;
         const VL: usize = NEON.lanes;
-        let m = self.geometry.output[1];
-        let groups = self.geometry.channels.iter().sum::<usize>().div_ceil(4);
         let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights.len(), y0, v);
         let s = scratch.as_ptr();
         let mut w = weights.as_ptr();
         // SAFETY: bounds checked by `vectors`; NEON is part of aarch64.
         unsafe {
-            let mut acc = [[[vdupq_n_s32(0); 2]; N]; T];
-            for g in 0..groups {
-                let copy = s.add(g * self.band.channel_len * 4);
-                for &off in &self.tap_offsets {
-                    let mut x = [vdupq_n_s8(0); N];
-                    for j in 0..N {
-                        x[j] = vld1q_s8(copy.add(base[j] + off).cast());
-                    }
-                    for (i, acc) in acc.iter_mut().enumerate() {
-                        let k = vreinterpretq_s8_s32(vld1q_dup_s32(w.add(4 * i).cast()));
+            let mut partial = [[[0f32; VL]; N]; T];
+            for part in 0..self.parts.len() {
+                let mut acc = [[[vdupq_n_s32(0); 2]; N]; T];
+                for g in self.group_starts[part]..self.group_starts[part + 1] {
+                    let copy = s.add(g * self.band.channel_len * 4);
+                    for &off in &self.tap_offsets {
+                        let mut x = [vdupq_n_s8(0); N];
                         for j in 0..N {
-                            acc[j][0] = vpadalq_s16(acc[j][0], vmull_s8(vget_low_s8(x[j]), vget_low_s8(k)));
-                            acc[j][1] = vpadalq_s16(acc[j][1], vmull_high_s8(x[j], k));
+                            x[j] = vld1q_s8(copy.add(base[j] + off).cast());
                         }
+                        for (i, acc) in acc.iter_mut().enumerate() {
+                            let k = vreinterpretq_s8_s32(vld1q_dup_s32(w.add(4 * i).cast()));
+                            for j in 0..N {
+                                acc[j][0] = vpadalq_s16(acc[j][0], vmull_s8(vget_low_s8(x[j]), vget_low_s8(k)));
+                                acc[j][1] = vpadalq_s16(acc[j][1], vmull_high_s8(x[j], k));
+                            }
+                        }
+                        w = w.add(4 * T);
                     }
-                    w = w.add(4 * T);
                 }
+                self.terms::<VL, T, N>(part, tile, &mut partial, |i, j| {
+                    std::mem::transmute::<int32x4_t, [i32; VL]>(vpaddq_s32(acc[i][j][0], acc[i][j][1]))
+                });
             }
-            for (i, acc) in acc.iter().enumerate() {
-                let o = tile * T + i;
-                if o >= m {
-                    break;
-                }
-                for j in 0..N {
-                    let sums = vpaddq_s32(acc[j][0], acc[j][1]);
-                    self.store::<VL>(out, o, at[j], lanes[j], std::mem::transmute::<int32x4_t, [i32; VL]>(sums));
-                }
-            }
+            self.store_tile::<VL, T, N>(out, tile, at, lanes, &partial);
         }
     }
 }
@@ -1053,7 +1262,6 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-
 impl Op for QuantConv {
     fn name(&self) -> StaticName {
         "QuantConv".into()
@@ -1061,7 +1269,7 @@ impl Op for QuantConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{:?} {:?} -> {:?} kernel {:?} dilation {:?} relu {} residual {} first input {:?}",
+            "{:?} {:?} -> {:?} kernel {:?} dilation {:?} relu {} residual {} inputs {:?}",
             self.isa,
             self.geometry.channels,
             self.geometry.output,
@@ -1069,7 +1277,7 @@ impl Op for QuantConv {
             self.geometry.dilation,
             self.geometry.relu,
             self.geometry.residual,
-            self.inputs[0]
+            self.sources
         )])
     }
 
@@ -1097,7 +1305,12 @@ impl EvalOp for QuantConv {
             ensure!(len == g.output.iter().product::<usize>(), "residual of {len} values");
         }
         for (s, c) in slices.iter().zip(&g.channels) {
-            ensure!(s.len() == scale * c * h * w, "input of {} values, expected {}", s.len(), scale * c * h * w);
+            ensure!(
+                s.len() == scale * c * h * w,
+                "input of {} values, expected {}",
+                s.len(),
+                scale * c * h * w
+            );
         }
         // SAFETY: f32 has no invalid bit patterns, and `run` writes every element.
         let mut out = unsafe { Tensor::uninitialized::<f32>(&g.output)? };
@@ -1131,47 +1344,75 @@ mod tests {
         let [dy, dx] = g.dilation;
         let [py, px] = g.pad;
         let plane = h * w;
+        // Each input channel's input.
+        let source: Vec<usize> = g
+            .channels
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &n)| std::iter::repeat_n(s, n))
+            .collect();
+        // Per input: its quantised values' range (255 or 65535), step and zero point.
+        let format: Vec<(i32, f32, i32)> = op
+            .sources
+            .iter()
+            .map(|s| match *s {
+                Source::Bits8(q) => (255, q.scale, q.zero as i32),
+                Source::Bits16(q) => (65535, q.scale, q.zero as i32),
+            })
+            .collect();
         let q: Vec<i32> = input
             .iter()
             .enumerate()
             .map(|(i, &v)| {
-                let quant = op.inputs[i / plane];
-                Quant::quantise(1.0 / quant.scale, quant.zero as i32, v) as i32
+                let (max, scale, zero) = format[source[i / plane]];
+                let limit = (max + 1) as f32;
+                ((v * (1.0 / scale)).max(-limit).min(limit).round_ties_even() as i32 + zero).clamp(0, max)
             })
             .collect();
-        // The weights as the operator folds them: scaled by the input's step over the largest.
-        let step = op.inputs.iter().fold(0f32, |a, q| a.max(q.scale));
-        let taps = kh * kw;
-        let folded: Vec<f32> = weights
-            .iter()
-            .enumerate()
-            .map(|(i, &w)| {
-                let ratio = op.inputs[(i / taps) % c].scale / step;
-                if ratio == 1.0 { w } else { w * ratio }
-            })
-            .collect();
-        let (qw, scales) = quantise_weights(&folded, m);
+        // The terms each input's sum splits into: (shift, mask) of its quantised values, and
+        // the step of one unit: one for 8 bits; the high and the low byte for 16.
+        let terms = |s: usize| -> Vec<(u32, i32, f32)> {
+            let (max, scale, _) = format[s];
+            if max == 255 {
+                vec![(0, 255, scale)]
+            } else {
+                vec![(8, 255, 256.0 * scale), (0, 255, scale)]
+            }
+        };
+        // The weights as the operator quantises them: per output channel and input.
+        let (qw, scales) = quantise_weights_by_input(weights, m, &g.channels, kh * kw);
         let mut out = vec![0f32; m * oh * ow];
         for o in 0..m {
             for y in 0..oh {
                 for x in 0..ow {
-                    let mut s = 0i64;
-                    for i in 0..c {
-                        for ky in 0..kh {
-                            for kx in 0..kw {
-                                let iy = (y + ky * dy) as isize - py as isize;
-                                let ix = (x + kx * dx) as isize - px as isize;
-                                let zero = op.inputs[i].zero as i32;
-                                let v = if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
-                                    zero
-                                } else {
-                                    q[(i * h + iy as usize) * w + ix as usize]
-                                };
-                                s += ((v - zero) * qw[((o * c + i) * kh + ky) * kw + kx] as i32) as i64;
+                    // Input by input, term by term, in order, then the bias.
+                    let mut r = 0f32;
+                    let mut first = true;
+                    for s in 0..g.channels.len() {
+                        for (shift, mask, step) in terms(s) {
+                            let mut sum = 0i64;
+                            for i in (0..c).filter(|&i| source[i] == s) {
+                                for ky in 0..kh {
+                                    for kx in 0..kw {
+                                        let iy = (y + ky * dy) as isize - py as isize;
+                                        let ix = (x + kx * dx) as isize - px as isize;
+                                        let zero = format[s].2;
+                                        let v = if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                            zero
+                                        } else {
+                                            q[(i * h + iy as usize) * w + ix as usize]
+                                        };
+                                        let v = ((v >> shift) & mask) - ((zero >> shift) & mask);
+                                        sum += (v * qw[((o * c + i) * kh + ky) * kw + kx] as i32) as i64;
+                                    }
+                                }
                             }
+                            let t = sum as i32 as f32 * (step * scales[s * m + o]);
+                            r = if first { t } else { r + t };
+                            first = false;
                         }
                     }
-                    let mut r = s as i32 as f32 * (step * scales[o]) + bias[o];
+                    r += bias[o];
                     if g.relu {
                         r = if r > 0.0 { r } else { 0.0 };
                     }
@@ -1187,7 +1428,7 @@ mod tests {
 
     /// Shapes that reach every path (partial vectors, one and several rows per task, tiles of
     /// 1..N vectors, output channels past the last full tile and single-channel tiles, channel
-    /// counts that are not a multiple of 4 and groups spanning two concatenated inputs,
+    /// counts that are not a multiple of 4, concatenated inputs of two and three ranges,
     /// dilation, uneven padding, a max pool read through, a residual, rows that overflow an i16
     /// pair), on every instruction set this CPU has: bit for bit against the plain reference.
     #[test]
@@ -1226,6 +1467,7 @@ mod tests {
             case(&[6], [12, 50], 8, [1, 1], [1, 1], [0, 0], [0, 0], true),
             case(&[4], [10, 21], 8, [5, 3], [1, 2], [1, 0], [3, 4], false),
             case(&[9, 3], [30, 70], 1, [3, 3], [1, 1], [1, 1], [1, 1], false),
+            case(&[4, 7, 2], [23, 41], 12, [3, 3], [1, 1], [1, 1], [1, 1], true),
             case(&[5], [7, 20], 3, [3, 3], [1, 1], [1, 1], [1, 1], true),
             case(&[6], [100, 40], 8, [3, 3], [1, 1], [1, 1], [1, 1], true),
             case(&[4], [150, 48], 16, [3, 3], [2, 2], [2, 2], [2, 2], false),
@@ -1292,32 +1534,52 @@ mod tests {
                 relu,
                 residual,
             };
-            // Each input its own range (a concatenation's parts differ).
-            let quant: Vec<Quant> = (0..channels.len())
-                .map(|i| Quant::covering(-0.4 + 0.3 * i as f32, 1.3 - 0.4 * i as f32))
-                .collect();
-            let mut want = None;
-            for &isa in &isas {
-                let op = QuantConv::new(isa, geometry.clone(), &weights, bias.clone(), &quant);
-                let want = want.get_or_insert_with(|| reference(&op, &input, &weights, &bias, residual.then_some(&added[..])));
-                let mut parts: Vec<&[f32]> = {
-                    let mut rest = &source[..];
-                    channels
+            // Each input its own range (a concatenation's parts differ); then again with every
+            // other input (the first of one) in 16 bits.
+            for wide in [false, true] {
+                let quant: Vec<Source> = (0..channels.len())
+                    .map(|i| {
+                        let (lo, hi) = (-0.4 + 0.3 * i as f32, 1.3 - 0.4 * i as f32);
+                        if wide && i % 2 == 0 {
+                            Source::Bits16(Quant16::covering(lo, hi))
+                        } else {
+                            Source::Bits8(Quant::covering(lo, hi))
+                        }
+                    })
+                    .collect();
+                let mut want = None;
+                for &isa in &isas {
+                    let op = QuantConv::new(isa, geometry.clone(), &weights, bias.clone(), &quant);
+                    let want = want
+                        .get_or_insert_with(|| reference(&op, &input, &weights, &bias, residual.then_some(&added[..])));
+                    let mut parts: Vec<&[f32]> = {
+                        let mut rest = &source[..];
+                        channels
+                            .iter()
+                            .map(|n| {
+                                let (part, tail) = rest.split_at(n * scale * h * scale * w);
+                                rest = tail;
+                                part
+                            })
+                            .collect()
+                    };
+                    if residual {
+                        parts.push(&added);
+                    }
+                    let mut out = vec![f32::NAN; m * oh * ow];
+                    op.run(&parts, &mut out);
+                    let differing = out
                         .iter()
-                        .map(|n| {
-                            let (part, tail) = rest.split_at(n * scale * h * scale * w);
-                            rest = tail;
-                            part
-                        })
-                        .collect()
-                };
-                if residual {
-                    parts.push(&added);
+                        .zip(want.iter())
+                        .filter(|(a, b)| a.to_bits() != b.to_bits())
+                        .count();
+                    assert_eq!(
+                        differing,
+                        0,
+                        "case {number} (16 bits: {wide}) on {isa:?}: {differing} of {} outputs differ",
+                        out.len()
+                    );
                 }
-                let mut out = vec![f32::NAN; m * oh * ow];
-                op.run(&parts, &mut out);
-                let differing = out.iter().zip(want.iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
-                assert_eq!(differing, 0, "case {number} on {isa:?}: {differing} of {} outputs differ", out.len());
             }
         }
     }
