@@ -175,6 +175,19 @@ pub fn release_cached() {
     big::release();
 }
 
+/// Hands back to the kernel what the process holds but no longer uses: the freed big blocks
+/// kept for reuse, and glibc's free heap pages (which it is tuned never to trim on its own, see
+/// `main.rs`). For the end of a phase whose temporaries the next one does not need (a model's
+/// load steps), where they would otherwise add up to the process's peak.
+pub fn give_back() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free heap pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+    release_cached();
+}
+
 /// Bytes of freed big blocks kept for reuse.
 pub fn cached_bytes() -> usize {
     #[cfg(target_os = "linux")]

@@ -84,9 +84,10 @@ enum Ops {
     /// All of ours, including the direct convolution on `isa` (when this CPU has it), and for
     /// int8 the int8 convolution on the fastest kernel this CPU has.
     Ours(Option<Isa>),
-    /// All of ours, the int8 convolutions on `QIsa`.
+    /// All of ours, the int8 convolutions on `QIsa`; the bool: whether outputs read only by
+    /// int8 layers are stored as bytes (as `Ours` does) or left f32.
     #[cfg(test)]
-    Int8(QIsa, Option<Isa>),
+    Int8(QIsa, Option<Isa>, bool),
 }
 
 /// An optimised, runnable model, shared by every job: the plan is behind an `Arc`, and its run
@@ -110,15 +111,10 @@ impl Model {
         let model = Self::build(path, pipeline, precision, Ops::Ours(Isa::chosen()));
         // Loading passes through ~200 MB (IS-Net) of parsed, widened and repacked weights that
         // are freed by now; the allocator is tuned never to give memory back on its own
-        // (main.rs), so hand these pages back once, here.
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only releases free heap pages.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-        // Likewise the big blocks kept for reuse: the load's temporaries are not what the
-        // inferences need, and would set the cache's high-water mark.
-        crate::memory::release_cached();
+        // (main.rs), so hand these pages back, here and between the load's steps. The big
+        // blocks kept for reuse too: the load's temporaries are not what the inferences need,
+        // and would set the cache's high-water mark.
+        crate::memory::give_back();
         model
     }
 
@@ -175,6 +171,9 @@ impl Model {
     ) -> Result<Model, EngineError> {
         let fail = |stage: &str, e: TractError| EngineError::Model(format!("{}: {stage}: {e:#}", path.display()));
         let mut model = tract_onnx::onnx().model_for_path(path).map_err(|e| fail("parse", e))?;
+        // The file's bytes and its decoded protobuf are gone: hand their pages back before the
+        // weights are converted.
+        crate::memory::give_back();
         let pipeline = match pipeline {
             Some(p) => p,
             None => detect_pipeline(&model).ok_or_else(|| {
@@ -228,25 +227,33 @@ impl Model {
                 .transform(&FloatPrecisionTranslator::new(from, to))
                 .map_err(|e| fail("precision", e))?;
         }
-        fold_const_casts(&mut typed).map_err(|e| fail("fold casts", e))?;
+        // tract's own convolutions read constants; ours read through the casts (folded after
+        // they went in, so the weights they pack are never held in f16 and f32 at once).
+        if ops == Ops::Tract {
+            fold_const_casts(&mut typed).map_err(|e| fail("fold casts", e))?;
+        }
         // im2col + matmul beats tract's direct spatial convolution on these nets (SOURCES.md: 11.3 s -> 7.65 s).
         let scope = KnobScope::new([("TRACT_DISABLE_DIRECT_SPATIAL", "true")]).map_err(|e| fail("knobs", e))?;
         // `into_optimized()` in two steps: the direct convolutions go in, and the remaining
         // convolutions' geometry is read, between them.
-        let (geometries, direct) = scope
+        let (geometries, direct, stored) = scope
             .enter(|| {
                 typed.declutter()?;
                 let int8 = table.as_ref().filter(|_| precision == Precision::Int8);
-                let direct = match (ops, int8) {
-                    (Ops::Ours(isa), Some(table)) => ops::quant_convs(&mut typed, table, QIsa::chosen(), int8_f32(isa))?.0,
+                let (direct, stored) = match (ops, int8) {
+                    (Ops::Ours(isa), Some(table)) => {
+                        (ops::quant_convs(&mut typed, table, QIsa::chosen(), int8_f32(isa))?.0, true)
+                    }
                     #[cfg(test)]
-                    (Ops::Int8(qisa, isa), Some(table)) => ops::quant_convs(&mut typed, table, qisa, isa)?.0,
-                    (Ops::Ours(isa), None) => ops::direct_convs(&mut typed, isa)?,
+                    (Ops::Int8(qisa, isa, stored), Some(table)) => (ops::quant_convs(&mut typed, table, qisa, isa)?.0, stored),
+                    (Ops::Ours(isa), None) => (ops::direct_convs(&mut typed, isa)?, false),
                     _ => Default::default(),
                 };
+
+                fold_const_casts(&mut typed)?;
                 let geometries = ops::conv_geometries(&typed);
                 typed.optimize()?;
-                Ok((geometries, direct))
+                Ok((geometries, direct, stored))
             })
             .map_err(|e| fail("optimise", e))?;
         if ops != Ops::Tract {
@@ -256,6 +263,11 @@ impl Model {
             // kernels differ by architecture.
             if precision == Precision::Int8 {
                 ops::portable_sigmoids(&mut typed).map_err(|e| fail("portable sigmoid", e))?;
+            }
+            // `REMOVEBGD_STORED_ACTIVATIONS=off` leaves them f32, to measure one against the other.
+            if stored && std::env::var("REMOVEBGD_STORED_ACTIVATIONS").as_deref() != Ok("off") {
+                let (outputs, saved) = ops::stored_activations(&mut typed).map_err(|e| fail("stored activations", e))?;
+                tracing::debug!(outputs, saved_mib = saved >> 20, "activations stored quantised");
             }
             tracing::debug!(
                 direct_convs = direct.convs,
@@ -340,22 +352,41 @@ fn int8_f32(isa: Option<Isa>) -> Option<Isa> {
 /// weight over 2 MiB (18 in IS-Net medium) would otherwise be widened again on every inference.
 /// `cast_to_dt` is what `Cast::eval` runs, so results are bit-identical; the orphaned f16
 /// constants are pruned by `into_optimized()`.
+///
+/// The casts are folded a few MB at a time, each batch's orphaned constants dropped before the
+/// next: folded all at once, IS-Net's 88 MB of f16 and 176 MB of f32 weights were all held at
+/// the same moment, the largest part of the daemon's peak memory.
 fn fold_const_casts(model: &mut TypedModel) -> TractResult<()> {
     use tract_onnx::tract_core::ops::{cast::Cast, konst::Const};
-    let mut patch = TypedModelPatch::new("fold casts of constants");
-    for node in &model.nodes {
-        let Some(cast) = node.op_as::<Cast>() else { continue };
-        let source = model.node(node.inputs[0].node);
-        let Some(konst) = source.op_as::<Const>() else { continue };
-        let val = konst.val();
-        if konst.exotic_fact().is_some() || !val.datum_type().is_float() || !cast.to.is_float() {
-            continue;
+    const BATCH: usize = 8 << 20;
+    loop {
+        let mut patch = TypedModelPatch::new("fold casts of constants");
+        let mut folded_bytes = 0;
+        for node in &model.nodes {
+            let Some(cast) = node.op_as::<Cast>() else { continue };
+            let source = model.node(node.inputs[0].node);
+            let Some(konst) = source.op_as::<Const>() else { continue };
+            let val = konst.val();
+            if konst.exotic_fact().is_some() || !val.datum_type().is_float() || !cast.to.is_float() {
+                continue;
+            }
+            let folded = val.cast_to_dt(cast.to)?.into_owned();
+            folded_bytes += folded.len() * folded.datum_type().size_of();
+            let wire = patch.add_const(format!("{}.folded", node.name), folded)?;
+            patch.shunt_outside(model, OutletId::new(node.id, 0), wire)?;
+            if folded_bytes >= BATCH {
+                break;
+            }
         }
-        let folded = val.cast_to_dt(cast.to)?.into_owned();
-        let wire = patch.add_const(format!("{}.folded", node.name), folded)?;
-        patch.shunt_outside(model, OutletId::new(node.id, 0), wire)?;
+        if folded_bytes == 0 {
+            return Ok(());
+        }
+        patch.apply(model)?;
+        // Drops the casts and the constants they read, now that nothing reads them, and hands
+        // their pages back.
+        model.compact()?;
+        crate::memory::give_back();
     }
-    patch.apply(model)
 }
 
 fn typed_uses(model: &TypedModel, dt: DatumType) -> bool {
@@ -421,6 +452,17 @@ mod tests {
 
     fn count(m: &Model, name: &str) -> usize {
         m.plan.model().nodes.iter().filter(|n| n.op.name() == name).count()
+    }
+
+    /// Operators whose output is stored quantised (u8 or u16).
+    fn stored_outputs(m: &Model) -> usize {
+        let stored = [u8::datum_type(), u16::datum_type()];
+        m.plan
+            .model()
+            .nodes
+            .iter()
+            .filter(|n| n.outputs.iter().any(|o| stored.contains(&o.fact.datum_type)))
+            .count()
     }
 
     /// Builds `file` with each of `ops` and with tract's operators only, checks each gives the
@@ -560,7 +602,8 @@ mod tests {
 
     /// Every int8 kernel this CPU has gives the same soft mask bit for bit (the sums are exact
     /// and the requantisation one order of float operations), with the table's layers in int8
-    /// and the rest in f32; and the int8 mask is not the f32 one (int8 really ran).
+    /// and the rest in f32; and the int8 mask is not the f32 one (int8 really ran). Storing
+    /// activations quantised between int8 layers changes no bit either.
     fn int8_is_the_same_on_every_kernel(file: &str, pipeline: Pipeline, scalar: bool) {
         use_threads(2);
         let path = mirror().join(file);
@@ -579,7 +622,7 @@ mod tests {
             .collect();
         let mut first: Option<Vec<f32>> = None;
         for &qisa in &kernels {
-            let m = Model::build_with(&path, Some(pipeline), Precision::Int8, Ops::Int8(qisa, Isa::chosen()), None).unwrap();
+            let m = Model::build_with(&path, Some(pipeline), Precision::Int8, Ops::Int8(qisa, Isa::chosen(), true), None).unwrap();
             assert_eq!(m.precision(), Precision::Int8);
             assert_eq!(count(&m, "QuantConv"), int8_layers, "{qisa:?}");
             let out = m.infer(input.clone()).unwrap();
@@ -587,9 +630,16 @@ mod tests {
                 None => {
                     let changed = out.iter().zip(&f32_out).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
                     assert!(changed > out.len() / 10, "int8 changed only {changed} values");
+                    // Activations stored quantised between int8 layers change nothing: the same
+                    // mask with every activation left f32.
+                    let stored = stored_outputs(&m);
+                    assert!(stored > int8_layers / 4, "{stored} activations stored quantised");
+                    let unstored = Model::build_with(&path, Some(pipeline), Precision::Int8, Ops::Int8(qisa, Isa::chosen(), false), None).unwrap();
+                    assert_eq!(stored_outputs(&unstored), 0);
+                    same_mask(&unstored.infer(input.clone()).unwrap(), &out, Ops::Int8(qisa, Isa::chosen(), false));
                     first = Some(out);
                 }
-                Some(want) => same_mask(&out, want, Ops::Int8(qisa, Isa::chosen())),
+                Some(want) => same_mask(&out, want, Ops::Int8(qisa, Isa::chosen(), true)),
             }
         }
     }

@@ -173,12 +173,21 @@ pub(crate) fn replace_convs(
     mut build: impl FnMut(&str, ConvSpec) -> Option<Box<dyn TypedOp>>,
 ) -> TractResult<Replaced> {
     let mut replaced = Replaced::default();
-    let convs: Vec<usize> = model.nodes.iter().filter(|n| n.op_is::<Conv>()).map(|n| n.id).collect();
+    let convs: Vec<String> = model
+        .nodes
+        .iter()
+        .filter(|n| n.op_is::<Conv>())
+        .map(|n| n.name.clone())
+        .collect();
+    // Weights packed since the model was last compacted.
+    let mut packed = 0;
     // One patch per convolution: a later one may read what an earlier one rewired.
-    for id in convs {
+    for name in convs {
+        let id = model.node_by_name(&name)?.id;
         let Some((geometry, weights, bias, sources, last)) = match_conv(model, model.node(id))? else {
             continue;
         };
+        packed += weights.len() * 4;
         let (concat, residual) = (geometry.channels.len() > 1, geometry.residual);
         let weights = weights.try_as_plain_ram()?;
         let spec = ConvSpec {
@@ -200,6 +209,14 @@ pub(crate) fn replace_convs(
         let wire = patch.wire_node(&model.node(id).name, op, &taps)?[0];
         patch.shunt_outside(model, OutletId::new(last, 0), wire)?;
         patch.apply(model)?;
+        // The replaced convolutions' f32 weights are dropped every few MB (IS-Net's are 176 MB,
+        // which would otherwise all be held with the packed ones at the end), and their pages
+        // handed back.
+        if packed >= 8 << 20 {
+            model.compact()?;
+            crate::memory::give_back();
+            packed = 0;
+        }
     }
     model.compact()?;
     Ok(replaced)
@@ -241,8 +258,8 @@ fn match_conv(
     }
     let pad = [padding[0].pad_before, padding[1].pad_before];
     let (Some(weights), Some(bias)) = (
-        model.outlet_fact(node.inputs[1])?.konst.clone(),
-        model.outlet_fact(node.inputs[2])?.konst.clone(),
+        constant(model, node.inputs[1])?,
+        constant(model, node.inputs[2])?,
     ) else {
         return Ok(None);
     };
@@ -318,6 +335,28 @@ fn match_conv(
         residual,
     };
     Ok(Some((geometry, weights.into_owned(), bias, sources, last)))
+}
+
+/// The value of `outlet` when it is a constant, or a float constant cast to another float type
+/// (the cast is what the kernel's packing does anyway: folding IS-Net's f16 weights to f32
+/// up front would hold both copies, 264 MB, at once).
+fn constant(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Arc<Tensor>>> {
+    use tract_onnx::tract_core::ops::{cast::Cast, konst::Const};
+    if let Some(k) = &model.outlet_fact(outlet)?.konst {
+        return Ok(Some(k.clone()));
+    }
+    let node = model.node(outlet.node);
+    let Some(cast) = node.op_as::<Cast>() else {
+        return Ok(None);
+    };
+    let Some(konst) = model.node(node.inputs[0].node).op_as::<Const>() else {
+        return Ok(None);
+    };
+    let val = konst.val();
+    if konst.exotic_fact().is_some() || !val.datum_type().is_float() || !cast.to.is_float() {
+        return Ok(None);
+    }
+    Ok(Some(val.clone()))
 }
 
 /// Whether `pool` is a 2x2 max pool, stride 2, no padding, from an f32 NCHW `input` of exactly
@@ -1183,17 +1222,7 @@ mod tests {
             for &isa in &isas {
                 let op = DirectConv::new(isa, geometry.clone(), &weights, bias.clone());
                 let added: Vec<f32> = (0..m * oh * ow).map(|_| next()).collect();
-                let mut parts: Vec<&[f32]> = {
-                    let mut rest = &source[..];
-                    channels
-                        .iter()
-                        .map(|n| {
-                            let (part, tail) = rest.split_at(n * scale * h * scale * w);
-                            rest = tail;
-                            part
-                        })
-                        .collect()
-                };
+                let mut parts = super::super::split_inputs(&source, channels, scale * h * scale * w);
                 if residual {
                     parts.push(&added);
                 }

@@ -59,6 +59,21 @@ pub(crate) fn nchw_f32(fact: &TypedFact) -> Option<[usize; 4]> {
     <[usize; 4]>::try_from(shape).ok()
 }
 
+/// `source` split into the concatenated inputs of `channels` channels, each `plane` values a
+/// channel (for the kernel tests).
+#[cfg(test)]
+pub(crate) fn split_inputs<'a>(source: &'a [f32], channels: &[usize], plane: usize) -> Vec<&'a [f32]> {
+    let mut rest = source;
+    channels
+        .iter()
+        .map(|n| {
+            let (part, tail) = rest.split_at(n * plane);
+            rest = tail;
+            part
+        })
+        .collect()
+}
+
 /// Runs `f(0..n)`, on tract's thread pool when it has one.
 pub(crate) fn par_for(n: usize, f: impl Fn(usize) + Sync + Send) {
     use rayon::prelude::*;
@@ -70,7 +85,7 @@ pub(crate) fn par_for(n: usize, f: impl Fn(usize) + Sync + Send) {
 
 /// Runs `f(plane_index, plane)` over the `planes` equal chunks of `out`, on tract's thread pool
 /// when it has one.
-pub(crate) fn for_each_plane(out: &mut [f32], plane_len: usize, f: impl Fn(usize, &mut [f32]) + Sync) {
+pub(crate) fn for_each_plane<T: Send>(out: &mut [T], plane_len: usize, f: impl Fn(usize, &mut [T]) + Sync) {
     use rayon::prelude::*;
     match tract_linalg::multithread::current_tract_executor() {
         tract_linalg::multithread::Executor::MultiThread(pool) => pool.install(|| {
@@ -115,6 +130,59 @@ pub fn quant_convs(
         "the int8 calibration table names {wanted} convolutions, {quantised} of them found in this model"
     );
     Ok((replaced, quantised))
+}
+
+/// Stores quantised the outputs of the int8 convolutions and resizes whose every reader is an
+/// int8 convolution reading them with one and the same quantisation (through a max pool or
+/// concatenation or not; never as a residual or a model output): bytes for 8-bit readers,
+/// 16-bit words for 16-bit ones. Those readers then copy the stored values instead of
+/// quantising f32. The results are the same bit for bit (the writer quantises exactly as the
+/// readers would), with a quarter (or half) of the activation memory. Returns how many outputs
+/// it changed and their f32 bytes saved.
+pub fn stored_activations(model: &mut TypedModel) -> TractResult<(usize, usize)> {
+    use quant_conv::{QuantConv, Source};
+    let outputs = model.output_outlets()?.to_vec();
+    let mut chosen = vec![];
+    for node in &model.nodes {
+        let writer = node.op_is::<QuantConv>() || node.op_is::<PlaneResize>();
+        if !writer || outputs.contains(&OutletId::new(node.id, 0)) {
+            continue;
+        }
+        let readers = &node.outputs[0].successors;
+        let mut quant: Option<Source> = None;
+        let agreed = !readers.is_empty()
+            && readers.iter().all(|r| {
+                match model.node(r.node).op_as::<QuantConv>().and_then(|c| c.source(r.slot)) {
+                    Some(q) if quant.is_none_or(|p| p == q) => {
+                        quant = Some(q);
+                        true
+                    }
+                    _ => false,
+                }
+            });
+        if let (true, Some(q)) = (agreed, quant) {
+            chosen.push((node.id, q, readers.clone()));
+        }
+    }
+    let mut saved = 0;
+    for (id, quant, readers) in &chosen {
+        let node = &mut model.nodes[*id];
+        let op: Box<dyn TypedOp> = match node.op_as::<QuantConv>() {
+            Some(conv) => Box::new(conv.clone().with_stored_output(*quant)),
+            None => Box::new(node.op_as::<PlaneResize>().expect("chosen above").clone().with_stored_output(*quant)),
+        };
+        let fact = op.output_facts(&[])?.remove(0);
+        let values: usize = fact.shape.as_concrete().map_or(0, |s| s.iter().product());
+        saved += values * (4 - fact.datum_type.size_of());
+        node.outputs[0].fact = fact;
+        node.op = op;
+        for reader in readers {
+            let node = &mut model.nodes[reader.node];
+            let op = node.op_as::<QuantConv>().expect("chosen above").clone().with_stored_input(reader.slot);
+            node.op = Box::new(op);
+        }
+    }
+    Ok((chosen.len(), saved))
 }
 
 /// Whether this CPU has AVX-512F.

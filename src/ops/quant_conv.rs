@@ -25,14 +25,59 @@
 //!   the Relu, the residual. So the outputs, and the masks, are bit-identical across
 //!   instruction sets and architectures.
 //!
-//! The outputs stay f32: the next layer quantises with its own range as it copies.
+//! - **Activations between int8 layers.** A layer (or resize) whose every reader is an int8
+//!   layer reading it with the same parameters stores its output quantised with them (after
+//!   the Relu and residual, exactly as the readers would have): bytes, or 16-bit words for
+//!   16-bit readers. The readers copy them as they are: a quarter (or half) of the memory and
+//!   bandwidth, and the same results bit for bit. Other outputs stay f32, and their readers
+//!   quantise as they copy.
 
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_variables))]
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
-use super::direct_conv::{Band, Geometry, SharedOut, WEIGHT_BUDGET};
+use super::direct_conv::{Band, Geometry, WEIGHT_BUDGET};
+
+/// One convolved input as the operator receives it: f32 values, or values already quantised
+/// with this input's [`Source`] (bytes for 8 bits, words for 16; the output of the layer before,
+/// see [`byte_activations`]).
+///
+/// [`byte_activations`]: super::byte_activations
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Input<'a> {
+    F32(&'a [f32]),
+    U8(&'a [u8]),
+    U16(&'a [u16]),
+}
+
+impl Input<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Input::F32(v) => v.len(),
+            Input::U8(v) => v.len(),
+            Input::U16(v) => v.len(),
+        }
+    }
+}
+
+/// Where tasks store: the output (f32, or bytes when the layer's output is quantised) and the
+/// residual added in the store, if any.
+pub(crate) struct Out {
+    values: *mut f32,
+    bytes: *mut u8,
+    words: *mut u16,
+    residual: *const f32,
+}
+// SAFETY: tasks write disjoint rows of the output through it, and the tensors outlive `run`.
+unsafe impl Sync for Out {}
+
+/// The output buffer of [`QuantConv::run`].
+pub(crate) enum Output<'a> {
+    F32(&'a mut [f32]),
+    U8(&'a mut [u8]),
+    U16(&'a mut [u16]),
+}
 
 /// Activation quantisation: `real = scale * (q - zero)`, `q` in 0..=255.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -135,9 +180,119 @@ impl Part {
 /// on an end of the range the same way everywhere).
 #[inline(always)]
 fn quantise_byte(inverse: f32, zero: i32, max: i32, shift: u32, v: f32) -> u8 {
+    ((quantise_value(inverse, zero, max, v) >> shift) & 255) as u8
+}
+
+/// `v` quantised to `0..=max` with `inverse` (1 / scale) and `zero`, whole. The rounding is
+/// [`round_small`]'s (`round_ties_even` for the clamped values), which compiles to plain
+/// vector adds everywhere instead of a libm call per value on the baseline x86-64.
+#[inline(always)]
+fn quantise_value(inverse: f32, zero: i32, max: i32, v: f32) -> i32 {
     let limit = (max + 1) as f32;
     let t = (v * inverse).max(-limit).min(limit);
-    (((t.round_ties_even() as i32 + zero).clamp(0, max) >> shift) & 255) as u8
+    (round_small(t) as i32 + zero).clamp(0, max)
+}
+
+impl Source {
+    /// `(inverse, zero, max)`: what quantises a value for this input.
+    fn params(self) -> (f32, i32, i32) {
+        match self {
+            Source::Bits8(q) => (1.0 / q.scale, q.zero as i32, 255),
+            Source::Bits16(q) => (1.0 / q.scale, q.zero as i32, 65535),
+        }
+    }
+
+    /// `v` quantised as the copy quantises it, whole (before it is split into bytes).
+    #[inline(always)]
+    pub fn quantise(self, v: f32) -> u16 {
+        let (inverse, zero, max) = self.params();
+        quantise_value(inverse, zero, max, v) as u16
+    }
+
+    /// Writes `values` quantised into `out`: bytes for 8 bits, 16-bit words for 16.
+    pub(crate) fn quantise_into(self, values: &[f32], out: Stored) {
+        let (inverse, zero, max) = self.params();
+        match out {
+            Stored::U8(out) => {
+                assert!(max == 255);
+                quantise_slice(inverse, zero, max, values, out, crate::ops::avx512())
+            }
+            Stored::U16(out) => {
+                assert!(max == 65535);
+                quantise_slice(inverse, zero, max, values, out, crate::ops::avx512())
+            }
+        }
+    }
+}
+
+/// A stored activation's element: u8 or u16.
+pub(crate) trait StoredValue: Copy {
+    fn from_quantised(q: i32) -> Self;
+}
+
+impl StoredValue for u8 {
+    fn from_quantised(q: i32) -> u8 {
+        q as u8
+    }
+}
+
+impl StoredValue for u16 {
+    fn from_quantised(q: i32) -> u16 {
+        q as u16
+    }
+}
+
+/// `values` quantised to `0..=max` into `out` (u8 or u16), value by value with
+/// [`quantise_value`], or 16 at a time with the same operations where `avx512` (the caller
+/// checked the CPU has AVX-512F and BW).
+#[inline(always)]
+fn quantise_slice<T: StoredValue>(inverse: f32, zero: i32, max: i32, values: &[f32], out: &mut [T], avx512: bool) {
+    assert_eq!(values.len(), out.len());
+    #[cfg(target_arch = "x86_64")]
+    if avx512 {
+        // SAFETY: the caller checked the features; the function writes only `out`'s elements.
+        unsafe { quantise_slice_avx512(inverse, zero, max, values, out) };
+        return;
+    }
+    let _ = avx512;
+    for (o, &v) in out.iter_mut().zip(values) {
+        *o = T::from_quantised(quantise_value(inverse, zero, max, v));
+    }
+}
+
+/// `quantise_slice` 16 values at a time: multiply, clamp to +-(max + 1) with NaN to the low end,
+/// round to nearest even, add the zero point, clamp to 0..=max, narrow (as `quantise_value`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn quantise_slice_avx512<T: StoredValue>(inverse: f32, zero: i32, max: i32, values: &[f32], out: &mut [T]) {
+    use std::arch::x86_64::*;
+    let n = values.len().min(out.len());
+    // SAFETY: loads and stores are masked to the first `n` elements of both slices.
+    unsafe {
+        let limit = (max + 1) as f32;
+        let (low, high) = (_mm512_set1_ps(-limit), _mm512_set1_ps(limit));
+        let (floor, ceil) = (_mm512_setzero_si512(), _mm512_set1_epi32(max));
+        let (inv, z) = (_mm512_set1_ps(inverse), _mm512_set1_epi32(zero));
+        for x0 in (0..n).step_by(16) {
+            let lanes = mask16(n - x0);
+            let v = _mm512_maskz_loadu_ps(lanes, values.as_ptr().add(x0));
+            let t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(v, inv), low), high);
+            let q = _mm512_add_epi32(_mm512_cvtps_epi32(t), z);
+            let q = _mm512_min_epi32(_mm512_max_epi32(q, floor), ceil);
+            let at = out.as_mut_ptr().add(x0);
+            if size_of::<T>() == 1 {
+                _mm512_mask_cvtepi32_storeu_epi8(at.cast(), lanes, q);
+            } else {
+                _mm512_mask_cvtepi32_storeu_epi16(at.cast(), lanes, q);
+            }
+        }
+    }
+}
+
+/// Where stored activations go: bytes for an 8-bit [`Source`], words for a 16-bit one.
+pub(crate) enum Stored<'a> {
+    U8(&'a mut [u8]),
+    U16(&'a mut [u16]),
 }
 
 /// The instruction set an int8 convolution runs on.
@@ -307,6 +462,12 @@ pub struct QuantConv {
     factor: Arc<Vec<f32>>,
     /// Per output channel.
     bias: Arc<Vec<f32>>,
+    /// Per convolved input: whether it arrives quantised with its `sources` entry (by the layer
+    /// that made it: bytes for 8 bits, words for 16) instead of f32.
+    stored_inputs: Vec<bool>,
+    /// When set, the output is stored quantised with it (after the Relu and the residual), for
+    /// int8 layers that read it with this same quantisation.
+    output_quant: Option<Source>,
 }
 
 impl Eq for QuantConv {}
@@ -315,51 +476,83 @@ impl Eq for QuantConv {}
 /// and their scales, each the step with the least squared error.
 pub fn quantise_weights(weights: &[f32], m: usize) -> (Vec<i8>, Vec<f32>) {
     let k = weights.len() / m;
-    let mut q = Vec::with_capacity(weights.len());
-    let mut scales = Vec::with_capacity(m);
-    for row in weights.chunks_exact(k) {
-        let max = row.iter().fold(0f32, |a, v| a.max(v.abs()));
-        // The step with the least squared error, from max/127 down to half of it: a few
-        // large weights would otherwise set a coarse step for all the others.
-        let error = |scale: f32| -> f64 {
-            row.iter()
-                .map(|v| ((v / scale).round_ties_even().clamp(-127.0, 127.0) * scale - v) as f64)
-                .map(|e| e * e)
-                .sum()
-        };
-        let scale = if max > 0.0 {
-            (50..=100)
-                .rev()
-                .map(|k| max * k as f32 / (100.0 * 127.0))
-                .min_by(|a, b| error(*a).total_cmp(&error(*b)))
-                .expect("candidates")
-        } else {
-            1.0
-        };
-        q.extend(
-            row.iter()
-                .map(|v| (v / scale).round_ties_even().clamp(-127.0, 127.0) as i8),
-        );
-        scales.push(scale);
+    let mut q = vec![0i8; weights.len()];
+    let mut scales = vec![0f32; m];
+    for ((row, q), scale) in weights.chunks_exact(k).zip(q.chunks_exact_mut(k)).zip(&mut scales) {
+        *scale = quantise_row(row, q);
     }
     (q, scales)
+}
+
+/// `round_ties_even` for |x| < 2^22, without a libm call on CPUs with no rounding instruction
+/// (the baseline x86-64): adding 1.5 * 2^23 leaves no fraction bits, so IEEE addition rounds to
+/// the nearest integer, ties to even, as `round_ties_even` does.
+#[inline(always)]
+fn round_small(x: f32) -> f32 {
+    const MAGIC: f32 = 12_582_912.0;
+    (x + MAGIC) - MAGIC
+}
+
+/// One output channel's weights quantised into `q`; returns the step.
+fn quantise_row(row: &[f32], q: &mut [i8]) -> f32 {
+    let max = row.iter().fold(0f32, |a, v| a.max(v.abs()));
+    let quantise = |v: f32, scale: f32| round_small((v / scale).clamp(-127.0, 127.0));
+    // The step with the least squared error, from max/127 down to half of it: a few large
+    // weights would otherwise set a coarse step for all the others. The first of equal errors
+    // wins, in this order.
+    let error = |scale: f32| -> f64 {
+        row.iter()
+            .map(|&v| (quantise(v, scale) * scale - v) as f64)
+            .map(|e| e * e)
+            .sum()
+    };
+    let scale = if max > 0.0 && max.is_finite() {
+        let mut best = (f64::INFINITY, 1.0);
+        for k in (50..=100).rev() {
+            let scale = max * k as f32 / (100.0 * 127.0);
+            let e = error(scale);
+            if e < best.0 {
+                best = (e, scale);
+            }
+        }
+        best.1
+    } else {
+        1.0
+    };
+    for (q, &v) in q.iter_mut().zip(row) {
+        *q = quantise(v, scale) as i8;
+    }
+    scale
 }
 
 /// [`quantise_weights`] with one scale per output channel and per input: `weights` is
 /// [M][C][taps], `channels` the inputs' channel counts. Returns the values ([M][C][taps]) and
 /// the scales (`[input * M + o]`).
 pub fn quantise_weights_by_input(weights: &[f32], m: usize, channels: &[usize], taps: usize) -> (Vec<i8>, Vec<f32>) {
+    use rayon::prelude::*;
     let c: usize = channels.iter().sum();
     let mut q = vec![0i8; weights.len()];
+    // Per output channel, its inputs' steps; the channels in parallel (this is most of a
+    // model's load time).
+    let per_output: Vec<Vec<f32>> = weights
+        .par_chunks_exact(c * taps)
+        .zip(q.par_chunks_exact_mut(c * taps))
+        .map(|(row, q)| {
+            let mut first = 0;
+            channels
+                .iter()
+                .map(|&n| {
+                    let range = first * taps..(first + n) * taps;
+                    first += n;
+                    quantise_row(&row[range.clone()], &mut q[range])
+                })
+                .collect()
+        })
+        .collect();
     let mut scales = vec![0f32; channels.len() * m];
-    for (o, row) in weights.chunks_exact(c * taps).enumerate() {
-        let mut first = 0;
-        for (s, &n) in channels.iter().enumerate() {
-            let part = &row[first * taps..(first + n) * taps];
-            let (values, scale) = quantise_weights(part, 1);
-            q[o * c * taps + first * taps..][..n * taps].copy_from_slice(&values);
-            scales[s * m + o] = scale[0];
-            first += n;
+    for (o, steps) in per_output.iter().enumerate() {
+        for (s, &step) in steps.iter().enumerate() {
+            scales[s * m + o] = step;
         }
     }
     (q, scales)
@@ -441,20 +634,81 @@ impl QuantConv {
             correction: Arc::new(correction),
             factor: Arc::new(factor),
             bias: Arc::new(bias),
+            stored_inputs: vec![false; sources.len()],
+            output_quant: None,
         }
     }
 
-    /// Computes the output from the inputs (the convolved ones, then the residual if any).
-    fn run(&self, inputs: &[&[f32]], out: &mut [f32]) {
+    /// How convolved input `input` is quantised (None for the residual).
+    pub(crate) fn source(&self, input: usize) -> Option<Source> {
+        self.sources.get(input).copied()
+    }
+
+    /// This convolution with input `input` read already quantised with its source.
+    pub(crate) fn with_stored_input(mut self, input: usize) -> QuantConv {
+        self.stored_inputs[input] = true;
+        self
+    }
+
+    /// This convolution with its output stored quantised with `quant`.
+    pub(crate) fn with_stored_output(mut self, quant: Source) -> QuantConv {
+        self.output_quant = Some(quant);
+        self
+    }
+
+    /// The output's fact: u8 or u16 when it is stored quantised, else f32.
+    fn output_fact(&self) -> TypedFact {
+        stored_fact(self.output_quant, self.geometry.output)
+    }
+
+    /// Computes the output from the convolved inputs (f32 or bytes, as `byte_inputs` says) and
+    /// the residual, if any.
+    fn run(&self, inputs: &[Input], residual: Option<&[f32]>, output: Output) {
         let [_, _, oh, _] = self.geometry.output;
-        let (inputs, residual) = if self.geometry.residual {
-            let (last, convolved) = inputs.split_last().expect("the residual is an input");
-            assert_eq!(last.len(), out.len());
-            (convolved, last.as_ptr())
-        } else {
-            (inputs, std::ptr::null())
+        let len: usize = self.geometry.output.iter().product();
+        assert_eq!(inputs.len(), self.geometry.channels.len());
+        for (i, input) in inputs.iter().enumerate() {
+            let want = match (self.stored_inputs[i], self.sources[i]) {
+                (false, _) => matches!(input, Input::F32(_)),
+                (true, Source::Bits8(_)) => matches!(input, Input::U8(_)),
+                (true, Source::Bits16(_)) => matches!(input, Input::U16(_)),
+            };
+            assert!(want, "input {i}'s type");
+        }
+        assert_eq!(residual.is_some(), self.geometry.residual);
+        let residual = residual.map_or(std::ptr::null(), |r| {
+            assert_eq!(r.len(), len);
+            r.as_ptr()
+        });
+        let out = match output {
+            Output::F32(values) => {
+                assert!(values.len() == len && self.output_quant.is_none());
+                Out {
+                    values: values.as_mut_ptr(),
+                    bytes: std::ptr::null_mut(),
+                    words: std::ptr::null_mut(),
+                    residual,
+                }
+            }
+            Output::U8(bytes) => {
+                assert!(bytes.len() == len && matches!(self.output_quant, Some(Source::Bits8(_))));
+                Out {
+                    values: std::ptr::null_mut(),
+                    bytes: bytes.as_mut_ptr(),
+                    words: std::ptr::null_mut(),
+                    residual,
+                }
+            }
+            Output::U16(words) => {
+                assert!(words.len() == len && matches!(self.output_quant, Some(Source::Bits16(_))));
+                Out {
+                    values: std::ptr::null_mut(),
+                    bytes: std::ptr::null_mut(),
+                    words: words.as_mut_ptr(),
+                    residual,
+                }
+            }
         };
-        let out = SharedOut(out.as_mut_ptr(), residual);
         super::par_for(oh.div_ceil(self.band.rows_out), |task| {
             SCRATCH.with(|scratch| {
                 let rows = &mut *scratch.borrow_mut();
@@ -487,15 +741,15 @@ impl QuantConv {
     /// `fill`, compiled for the vector instructions of this convolution's kernel, so that its
     /// rounding and conversions are single instructions (the baseline x86-64 has no rounding
     /// instruction and calls libm for each value).
-    unsafe fn fill_fast(&self, inputs: &[&[f32]], scratch: &mut Vec<u8>, y0: usize) {
+    unsafe fn fill_fast(&self, inputs: &[Input], scratch: &mut Vec<u8>, y0: usize) {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f,avx512bw")]
-        unsafe fn avx512(op: &QuantConv, inputs: &[&[f32]], scratch: &mut Vec<u8>, y0: usize) {
+        unsafe fn avx512(op: &QuantConv, inputs: &[Input], scratch: &mut Vec<u8>, y0: usize) {
             op.fill(inputs, scratch, y0)
         }
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
-        unsafe fn avx2(op: &QuantConv, inputs: &[&[f32]], scratch: &mut Vec<u8>, y0: usize) {
+        unsafe fn avx2(op: &QuantConv, inputs: &[Input], scratch: &mut Vec<u8>, y0: usize) {
             op.fill(inputs, scratch, y0)
         }
         // SAFETY: the caller guarantees the kernel's features, which include these. (Not an
@@ -513,31 +767,66 @@ impl QuantConv {
     }
 
     /// Copies and quantises the input rows output rows `y0..` need into `scratch`: per group of
-    /// four channels, per row, per pixel one 32-bit word of the four channels' values.
+    /// four channels, per row, per pixel one 32-bit word of the four channels' values. Inputs
+    /// that arrive as bytes are already quantised (with this part's parameters): they are
+    /// copied, and pooled as bytes (quantisation is monotonic, so the maximum of the bytes is
+    /// the byte of the maximum).
     #[inline(always)]
-    fn fill(&self, inputs: &[&[f32]], scratch: &mut Vec<u8>, y0: usize) {
+    fn fill(&self, inputs: &[Input], scratch: &mut Vec<u8>, y0: usize) {
         let g = &self.geometry;
-        let [h, w] = g.input;
-        let b = self.band;
-        let scale = if g.pooled { 2 } else { 1 };
-        let plane = scale * h * scale * w;
-        let groups = *self.group_starts.last().expect("one start per input and the total");
-        let group_len = b.channel_len * 4;
+        let w = g.input[1];
+        let groups = self.groups();
+        let group_len = self.band.channel_len * 4;
         if scratch.len() < groups * group_len {
             scratch.resize(groups * group_len, 0);
         }
         let flip: u8 = if self.isa.signed() { 0x80 } else { 0 };
         let flips = u32::from_ne_bytes([flip; 4]);
-        // Each part's channels in groups of four (the last padded with its zero point).
         let mut copies = scratch.chunks_exact_mut(group_len);
-        let groups = self
-            .parts
-            .iter()
-            .flat_map(|p| inputs[p.input].chunks(4 * plane).map(move |c| (c, p)));
-        for (channels, part) in groups {
+        for part in &self.parts {
+            match inputs[part.input] {
+                Input::F32(values) => {
+                    let quant = (1.0 / part.scale, part.zero, part.max, part.shift);
+                    self.fill_part(values, part, flips, &mut copies, y0, |rows, dst| {
+                        #[cfg(target_arch = "x86_64")]
+                        if self.isa == QIsa::Vnni512 {
+                            // SAFETY: the kernel's features include AVX-512F and BW.
+                            unsafe { quantise_quads_avx512(rows, g.pooled, w, quant, flips, dst) };
+                            return;
+                        }
+                        quantise_quads(rows, g.pooled, w, quant, flips, dst)
+                    })
+                }
+                Input::U8(bytes) => self.fill_part(bytes, part, flips, &mut copies, y0, |rows, dst| {
+                    stored_quads(rows, g.pooled, w, part.zero_byte(), flips, dst, |v| v)
+                }),
+                Input::U16(words) => self.fill_part(words, part, flips, &mut copies, y0, |rows, dst| {
+                    stored_quads(rows, g.pooled, w, part.zero_byte(), flips, dst, |v| (v >> part.shift) as u8)
+                }),
+            }
+        }
+    }
+
+    /// `fill` for one part: its channels in groups of four (the last padded with its zero
+    /// point), each row through `quads(the four channels' rows, the row's words)`.
+    #[inline(always)]
+    fn fill_part<'a, 'b, T>(
+        &self,
+        values: &[T],
+        part: &Part,
+        flips: u32,
+        copies: &mut impl Iterator<Item = &'b mut [u8]>,
+        y0: usize,
+        quads: impl Fn([Option<&[T]>; 4], &mut [u32]),
+    ) {
+        let g = &self.geometry;
+        let [h, w] = g.input;
+        let b = self.band;
+        let scale = if g.pooled { 2 } else { 1 };
+        let plane = scale * h * scale * w;
+        let padding = u32::from_le_bytes([part.zero_byte(); 4]) ^ flips;
+        for channels in values.chunks(4 * plane) {
             let copy = copies.next().expect("the copy has every part's groups");
-            let padding = u32::from_le_bytes([part.zero_byte(); 4]) ^ flips;
-            let quant = (1.0 / part.scale, part.zero, part.max, part.shift);
             for r in 0..b.rows {
                 let row = &mut copy[r * b.row_len * 4..][..b.row_len * 4];
                 let words = bytemuck_words(row);
@@ -549,18 +838,12 @@ impl QuantConv {
                 words[..g.pad[1]].fill(padding);
                 words[g.pad[1] + w..].fill(padding);
                 let dst = &mut words[g.pad[1]..][..w];
-                let rows: [Option<&[f32]>; 4] = std::array::from_fn(|i| {
+                let rows: [Option<&[T]>; 4] = std::array::from_fn(|i| {
                     channels
                         .get(i * plane..(i + 1) * plane)
                         .map(|p| &p[scale * iy * scale * w..][..scale * scale * w])
                 });
-                #[cfg(target_arch = "x86_64")]
-                if self.isa == QIsa::Vnni512 {
-                    // SAFETY: the kernel's features include AVX-512F and BW.
-                    unsafe { quantise_quads_avx512(rows, g.pooled, w, quant, flips, dst) };
-                    continue;
-                }
-                quantise_quads(rows, g.pooled, w, quant, flips, dst);
+                quads(rows, dst);
             }
         }
     }
@@ -681,7 +964,7 @@ impl QuantConv {
     #[inline(always)]
     unsafe fn store_tile<const VL: usize, const T: usize, const N: usize>(
         &self,
-        out: &SharedOut,
+        out: &Out,
         tile: usize,
         at: [usize; N],
         lanes: [usize; N],
@@ -707,18 +990,37 @@ impl QuantConv {
                 // writes, and inside the residual of the same shape.
                 unsafe {
                     if self.geometry.residual {
-                        let add = std::slice::from_raw_parts(out.1.add(offset), n);
+                        let add = std::slice::from_raw_parts(out.residual.add(offset), n);
                         for l in 0..n {
                             r[l] += add[l];
                         }
                     }
-                    std::slice::from_raw_parts_mut(out.0.add(offset), n).copy_from_slice(&r[..n]);
+                    match self.output_quant {
+                        None => std::slice::from_raw_parts_mut(out.values.add(offset), n).copy_from_slice(&r[..n]),
+                        // The VNNI-512 kernel's features include AVX-512F and BW.
+                        Some(Source::Bits8(q)) => quantise_slice(
+                            1.0 / q.scale,
+                            q.zero as i32,
+                            255,
+                            &r[..n],
+                            std::slice::from_raw_parts_mut(out.bytes.add(offset), n),
+                            cfg!(target_arch = "x86_64") && self.isa == QIsa::Vnni512,
+                        ),
+                        Some(Source::Bits16(q)) => quantise_slice(
+                            1.0 / q.scale,
+                            q.zero as i32,
+                            65535,
+                            &r[..n],
+                            std::slice::from_raw_parts_mut(out.words.add(offset), n),
+                            cfg!(target_arch = "x86_64") && self.isa == QIsa::Vnni512,
+                        ),
+                    }
                 }
             }
         }
     }
 
-    unsafe fn band_scalar(&self, scratch: &[u8], out: &SharedOut, y0: usize) {
+    unsafe fn band_scalar(&self, scratch: &[u8], out: &Out, y0: usize) {
         const S: Shape = SCALAR;
         const T: usize = S.t;
         const SINGLE: usize = S.single;
@@ -740,7 +1042,7 @@ impl QuantConv {
         &self,
         scratch: &[u8],
         weights: &[i8],
-        out: &SharedOut,
+        out: &Out,
         tile: usize,
         y0: usize,
         v: usize,
@@ -809,6 +1111,43 @@ fn quantise_quads(
         }
         for (x, d) in dst[x0..x0 + n].iter_mut().enumerate() {
             *d = u32::from_le_bytes([bytes[0][x], bytes[1][x], bytes[2][x], bytes[3][x]]) ^ flips;
+        }
+    }
+}
+
+/// Writes one row of quads from inputs already quantised (bytes, or 16-bit words): pixel `x`
+/// gets the four channels' `byte` of the value at `x` (of their 2x2 maximum when `pooled`:
+/// quantisation is monotonic, so the maximum of the quantised values is the quantised
+/// maximum), a missing channel `zero`, all XORed with `flips`.
+#[inline(always)]
+fn stored_quads<T: Copy + Ord>(
+    rows: [Option<&[T]>; 4],
+    pooled: bool,
+    w: usize,
+    zero: u8,
+    flips: u32,
+    dst: &mut [u32],
+    byte: impl Fn(T) -> u8,
+) {
+    let dst = &mut dst[..w];
+    dst.fill(flips);
+    for (c, row) in rows.iter().enumerate() {
+        let shift = 8 * c as u32;
+        match row {
+            None => dst.iter_mut().for_each(|d| *d ^= (zero as u32) << shift),
+            Some(row) if pooled => {
+                let (above, below) = row.split_at(2 * w);
+                let (above, below) = (&above[..2 * w], &below[..2 * w]);
+                for (x, d) in dst.iter_mut().enumerate() {
+                    let i = 2 * x;
+                    *d ^= (byte(above[i].max(above[i + 1]).max(below[i]).max(below[i + 1])) as u32) << shift;
+                }
+            }
+            Some(row) => {
+                for (d, &v) in dst.iter_mut().zip(&row[..w]) {
+                    *d ^= (byte(v) as u32) << shift;
+                }
+            }
         }
     }
 }
@@ -897,7 +1236,7 @@ fn bytemuck_words(bytes: &mut [u8]) -> &mut [u32] {
 #[cfg(target_arch = "x86_64")]
 impl QuantConv {
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    unsafe fn band_vnni512(&self, scratch: &[u8], out: &SharedOut, y0: usize) {
+    unsafe fn band_vnni512(&self, scratch: &[u8], out: &Out, y0: usize) {
         const S: Shape = VNNI512;
         const T: usize = S.t;
         const SINGLE: usize = S.single;
@@ -921,7 +1260,7 @@ impl QuantConv {
         &self,
         scratch: &[u8],
         weights: &[i8],
-        out: &SharedOut,
+        out: &Out,
         tile: usize,
         y0: usize,
         v: usize,
@@ -961,7 +1300,7 @@ impl QuantConv {
     }
 
     #[target_feature(enable = "avx2,avxvnni")]
-    unsafe fn band_avxvnni(&self, scratch: &[u8], out: &SharedOut, y0: usize) {
+    unsafe fn band_avxvnni(&self, scratch: &[u8], out: &Out, y0: usize) {
         const S: Shape = AVXVNNI;
         const T: usize = S.t;
         const SINGLE: usize = S.single;
@@ -984,7 +1323,7 @@ impl QuantConv {
         &self,
         scratch: &[u8],
         weights: &[i8],
-        out: &SharedOut,
+        out: &Out,
         tile: usize,
         y0: usize,
         v: usize,
@@ -1024,7 +1363,7 @@ impl QuantConv {
     }
 
     #[target_feature(enable = "avx2")]
-    unsafe fn band_avx2(&self, scratch: &[u8], out: &SharedOut, y0: usize) {
+    unsafe fn band_avx2(&self, scratch: &[u8], out: &Out, y0: usize) {
         const S: Shape = AVX2;
         const T: usize = S.t;
         const SINGLE: usize = S.single;
@@ -1052,7 +1391,7 @@ impl QuantConv {
         &self,
         scratch: &[u8],
         weights: &[i16],
-        out: &SharedOut,
+        out: &Out,
         tile: usize,
         y0: usize,
         v: usize,
@@ -1101,7 +1440,7 @@ impl QuantConv {
 #[cfg(target_arch = "aarch64")]
 impl QuantConv {
     #[target_feature(enable = "neon,dotprod")]
-    unsafe fn band_neondot(&self, scratch: &[u8], out: &SharedOut, y0: usize) {
+    unsafe fn band_neondot(&self, scratch: &[u8], out: &Out, y0: usize) {
         const S: Shape = NEONDOT;
         const T: usize = S.t;
         const SINGLE: usize = S.single;
@@ -1128,7 +1467,7 @@ impl QuantConv {
         &self,
         scratch: &[u8],
         weights: &[i8],
-        out: &SharedOut,
+        out: &Out,
         tile: usize,
         y0: usize,
         v: usize,
@@ -1190,7 +1529,7 @@ impl QuantConv {
     }
 
     #[target_feature(enable = "neon")]
-    unsafe fn band_neon(&self, scratch: &[u8], out: &SharedOut, y0: usize) {
+    unsafe fn band_neon(&self, scratch: &[u8], out: &Out, y0: usize) {
         const S: Shape = NEON;
         const T: usize = S.t;
         const SINGLE: usize = S.single;
@@ -1216,7 +1555,7 @@ impl QuantConv {
         &self,
         scratch: &[u8],
         weights: &[i8],
-        out: &SharedOut,
+        out: &Out,
         tile: usize,
         y0: usize,
         v: usize,
@@ -1254,6 +1593,15 @@ impl QuantConv {
             }
             self.store_tile::<VL, T, N>(out, tile, at, lanes, &partial);
         }
+    }
+}
+
+/// The fact of an activation stored quantised with `quant` (u8 or u16), or f32 (None).
+pub(crate) fn stored_fact(quant: Option<Source>, shape: [usize; 4]) -> TypedFact {
+    match quant {
+        None => f32::fact(shape),
+        Some(Source::Bits8(_)) => u8::fact(shape),
+        Some(Source::Bits16(_)) => u16::fact(shape),
     }
 }
 
@@ -1295,16 +1643,25 @@ impl EvalOp for QuantConv {
             .iter()
             .map(|t| t.try_as_plain_ram())
             .collect::<TractResult<Vec<_>>>()?;
-        let slices = views
+        let (convolved, residual) = views.split_at(g.channels.len());
+        let convolved = convolved
             .iter()
-            .map(|v| v.as_slice::<f32>())
+            .zip(self.stored_inputs.iter().zip(&self.sources))
+            .map(|(v, (&stored, source))| {
+                Ok(match (stored, source) {
+                    (false, _) => Input::F32(v.as_slice::<f32>()?),
+                    (true, Source::Bits8(_)) => Input::U8(v.as_slice::<u8>()?),
+                    (true, Source::Bits16(_)) => Input::U16(v.as_slice::<u16>()?),
+                })
+            })
             .collect::<TractResult<Vec<_>>>()?;
+        let residual = residual.first().map(|v| v.as_slice::<f32>()).transpose()?;
         let scale = if g.pooled { 4 } else { 1 };
-        if g.residual {
-            let len = slices.last().map_or(0, |s| s.len());
-            ensure!(len == g.output.iter().product::<usize>(), "residual of {len} values");
+        let len = g.output.iter().product::<usize>();
+        if let Some(r) = residual {
+            ensure!(r.len() == len, "residual of {} values", r.len());
         }
-        for (s, c) in slices.iter().zip(&g.channels) {
+        for (s, c) in convolved.iter().zip(&g.channels) {
             ensure!(
                 s.len() == scale * c * h * w,
                 "input of {} values, expected {}",
@@ -1312,16 +1669,33 @@ impl EvalOp for QuantConv {
                 scale * c * h * w
             );
         }
-        // SAFETY: f32 has no invalid bit patterns, and `run` writes every element.
-        let mut out = unsafe { Tensor::uninitialized::<f32>(&g.output)? };
-        self.run(&slices, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?);
+        let out = match self.output_quant {
+            None => {
+                // SAFETY: f32 has no invalid bit patterns, and `run` writes every element.
+                let mut out = unsafe { Tensor::uninitialized::<f32>(&g.output)? };
+                self.run(&convolved, residual, Output::F32(out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?));
+                out
+            }
+            Some(Source::Bits8(_)) => {
+                // SAFETY: as above, for u8.
+                let mut out = unsafe { Tensor::uninitialized::<u8>(&g.output)? };
+                self.run(&convolved, residual, Output::U8(out.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?));
+                out
+            }
+            Some(Source::Bits16(_)) => {
+                // SAFETY: as above, for u16.
+                let mut out = unsafe { Tensor::uninitialized::<u16>(&g.output)? };
+                self.run(&convolved, residual, Output::U16(out.try_as_plain_ram_mut()?.as_slice_mut::<u16>()?));
+                out
+            }
+        };
         Ok(tvec!(out.into_tvalue()))
     }
 }
 
 impl TypedOp for QuantConv {
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(f32::fact(self.geometry.output)))
+        Ok(tvec!(self.output_fact()))
     }
 
     as_op!();
@@ -1431,6 +1805,8 @@ mod tests {
     /// counts that are not a multiple of 4, concatenated inputs of two and three ranges,
     /// dilation, uneven padding, a max pool read through, a residual, rows that overflow an i16
     /// pair), on every instruction set this CPU has: bit for bit against the plain reference.
+    /// Each case runs twice: f32 in and out, and with its inputs arriving quantised (bytes, or
+    /// 16-bit words) and its output stored quantised (the reference's output, quantised).
     #[test]
     fn every_kernel_matches_the_plain_integer_convolution() {
         let isas: Vec<QIsa> = QIsa::ALL.into_iter().filter(|i| i.supported()).collect();
@@ -1548,37 +1924,61 @@ mod tests {
                     })
                     .collect();
                 let mut want = None;
+                // The source's inputs (before any pooling), one slice each.
+                let parts = super::super::split_inputs(&source, channels, scale * h * scale * w);
+                // The inputs quantised as the layer before would store them.
+                let stored: Vec<Vec<u16>> = parts
+                    .iter()
+                    .zip(&quant)
+                    .map(|(part, q)| part.iter().map(|&v| q.quantise(v)).collect())
+                    .collect();
+                let bytes: Vec<Vec<u8>> = stored.iter().map(|s| s.iter().map(|&v| v as u8).collect()).collect();
+                let out_quant = if wide {
+                    Source::Bits16(Quant16::covering(-1.5, 2.5))
+                } else {
+                    Source::Bits8(Quant::covering(-1.5, 2.5))
+                };
                 for &isa in &isas {
-                    let op = QuantConv::new(isa, geometry.clone(), &weights, bias.clone(), &quant);
-                    let want = want
-                        .get_or_insert_with(|| reference(&op, &input, &weights, &bias, residual.then_some(&added[..])));
-                    let mut parts: Vec<&[f32]> = {
-                        let mut rest = &source[..];
-                        channels
-                            .iter()
-                            .map(|n| {
-                                let (part, tail) = rest.split_at(n * scale * h * scale * w);
-                                rest = tail;
-                                part
-                            })
-                            .collect()
-                    };
-                    if residual {
-                        parts.push(&added);
+                    let want = want.get_or_insert_with(|| {
+                        let op = QuantConv::new(isa, geometry.clone(), &weights, bias.clone(), &quant);
+                        reference(&op, &input, &weights, &bias, residual.then_some(&added[..]))
+                    });
+                    let want_stored: Vec<u16> = want.iter().map(|&v| out_quant.quantise(v)).collect();
+                    // f32 in and out; then the inputs and the output stored quantised.
+                    for store in [false, true] {
+                        let mut op = QuantConv::new(isa, geometry.clone(), &weights, bias.clone(), &quant);
+                        let mut inputs: Vec<Input> = parts.iter().map(|p| Input::F32(p)).collect();
+                        if store {
+                            op = op.with_stored_output(out_quant);
+                            for (i, q) in quant.iter().enumerate() {
+                                op = op.with_stored_input(i);
+                                inputs[i] = match q {
+                                    Source::Bits8(_) => Input::U8(&bytes[i]),
+                                    Source::Bits16(_) => Input::U16(&stored[i]),
+                                };
+                            }
+                        }
+                        let residual = residual.then_some(&added[..]);
+                        let differing = if store && wide {
+                            let mut out = vec![0xa5a5u16; m * oh * ow];
+                            op.run(&inputs, residual, Output::U16(&mut out));
+                            out.iter().zip(&want_stored).filter(|(a, b)| a != b).count()
+                        } else if store {
+                            let mut out = vec![0xa5u8; m * oh * ow];
+                            op.run(&inputs, residual, Output::U8(&mut out));
+                            out.iter().zip(&want_stored).filter(|(a, b)| **a as u16 != **b).count()
+                        } else {
+                            let mut out = vec![f32::NAN; m * oh * ow];
+                            op.run(&inputs, residual, Output::F32(&mut out));
+                            out.iter().zip(want.iter()).filter(|(a, b)| a.to_bits() != b.to_bits()).count()
+                        };
+                        assert_eq!(
+                            differing,
+                            0,
+                            "case {number} (16 bits: {wide}, stored: {store}) on {isa:?}: {differing} of {} outputs differ",
+                            m * oh * ow
+                        );
                     }
-                    let mut out = vec![f32::NAN; m * oh * ow];
-                    op.run(&parts, &mut out);
-                    let differing = out
-                        .iter()
-                        .zip(want.iter())
-                        .filter(|(a, b)| a.to_bits() != b.to_bits())
-                        .count();
-                    assert_eq!(
-                        differing,
-                        0,
-                        "case {number} (16 bits: {wide}) on {isa:?}: {differing} of {} outputs differ",
-                        out.len()
-                    );
                 }
             }
         }

@@ -8,6 +8,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::resize::{AxisPlan, Interpolator, Resize};
 
+use super::quant_conv::{Source, Stored, stored_fact};
 use super::{for_each_plane, nchw_f32, swap_nodes};
 
 /// Replaces every f32 NCHW Resize (linear, no extrapolation) in `model` with [`PlaneResize`].
@@ -28,6 +29,9 @@ pub struct PlaneResize {
     output: [usize; 4],
     rows: Arc<Taps>,
     cols: Arc<Taps>,
+    /// When set, the output is stored quantised with it, for the int8 convolutions that read it
+    /// so (see [`stored_activations`](super::stored_activations)).
+    output_quant: Option<Source>,
 }
 
 /// For each output index along one axis: the two source indices and their weights.
@@ -150,17 +154,31 @@ impl PlaneResize {
             output,
             rows: Arc::new(rows),
             cols: Arc::new(cols),
+            output_quant: None,
         }))
     }
 
+    /// This resize with its output stored quantised with `quant`.
+    pub(crate) fn with_stored_output(mut self, quant: Source) -> PlaneResize {
+        self.output_quant = Some(quant);
+        self
+    }
+
     fn run(&self, src: &[f32], dst: &mut [f32]) -> TractResult<()> {
+        self.run_rows(src, dst, |row, out| out.copy_from_slice(row))
+    }
+
+    /// `run` with each output row `out` written by `store(row, out)` from its f32 values.
+    fn run_rows<T: Send>(&self, src: &[f32], dst: &mut [T], store: impl Fn(&[f32], &mut [T]) + Sync) -> TractResult<()> {
         let [_, _, ih, iw] = self.input;
         let [_, _, oh, ow] = self.output;
         ensure!(src.len() == self.input.iter().product::<usize>());
+        ensure!(dst.len() == self.output.iter().product::<usize>());
         for_each_plane(dst, oh * ow, |p, plane| {
             let src = &src[p * ih * iw..][..ih * iw];
             // Height first, then width: tract's axis order, so the rounding is the same.
             let mut row = vec![0f32; iw];
+            let mut resized = vec![0f32; ow];
             for (y, out_row) in plane.chunks_exact_mut(ow).enumerate() {
                 let [r0, r1] = self.rows.index[y];
                 let (a, b) = (&src[r0 * iw..][..iw], &src[r1 * iw..][..iw]);
@@ -173,7 +191,8 @@ impl PlaneResize {
                     (false, true) => pairs.for_each(|((t, _), &b)| *t = 0.0 + w1 * b),
                     (false, false) => row.fill(0.0),
                 }
-                self.columns(&row, out_row);
+                self.columns(&row, &mut resized);
+                store(&resized, out_row);
             }
         });
         Ok(())
@@ -246,20 +265,35 @@ impl EvalOp for PlaneResize {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
         let view = input.try_as_plain_ram()?;
-        // SAFETY: f32 has no invalid bit patterns, and `run` writes every element (each plane
-        // completely) before the tensor is read.
-        let mut out = unsafe { Tensor::uninitialized::<f32>(&self.output)? };
-        self.run(
-            view.as_slice::<f32>()?,
-            out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?,
-        )?;
+        let src = view.as_slice::<f32>()?;
+        // SAFETY (each): the element type has no invalid bit patterns, and `run` writes every
+        // element (each plane completely) before the tensor is read.
+        let out = match self.output_quant {
+            None => {
+                let mut out = unsafe { Tensor::uninitialized::<f32>(&self.output)? };
+                self.run(src, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?)?;
+                out
+            }
+            Some(q @ Source::Bits8(_)) => {
+                let mut out = unsafe { Tensor::uninitialized::<u8>(&self.output)? };
+                let mut view = out.try_as_plain_ram_mut()?;
+                self.run_rows(src, view.as_slice_mut::<u8>()?, |row, out| q.quantise_into(row, Stored::U8(out)))?;
+                out
+            }
+            Some(q @ Source::Bits16(_)) => {
+                let mut out = unsafe { Tensor::uninitialized::<u16>(&self.output)? };
+                let mut view = out.try_as_plain_ram_mut()?;
+                self.run_rows(src, view.as_slice_mut::<u16>()?, |row, out| q.quantise_into(row, Stored::U16(out)))?;
+                out
+            }
+        };
         Ok(tvec!(out.into_tvalue()))
     }
 }
 
 impl TypedOp for PlaneResize {
     fn output_facts(&self, _inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        Ok(tvec!(f32::fact(self.output)))
+        Ok(tvec!(stored_fact(self.output_quant, self.output)))
     }
 
     as_op!();
@@ -271,7 +305,8 @@ mod tests {
 
     /// The vector column pass gives `blend`'s results bit for bit: upscaling by 2 (every block
     /// permuted, the last one partial), by 32 (IS-Net's side outputs), and downscaling by 4
-    /// (taps too far apart for one load, so the scalar path).
+    /// (taps too far apart for one load, so the scalar path). Stored quantised (bytes or 16-bit
+    /// words, for int8 readers), each output is the f32 one quantised.
     #[test]
     fn columns_match_blend_for_every_block_kind() {
         let mut seed = 11u32;
@@ -279,6 +314,8 @@ mod tests {
             seed = seed.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
             (seed >> 8) as f32 / (1u32 << 24) as f32 - 0.5
         };
+        // Whether some stored byte was clamped, and some not.
+        let (mut clamped, mut inside) = (false, false);
         for (from, to) in [(37, 74), (3, 96), (80, 20)] {
             // Half-pixel linear taps, clamped at the edges, as tract plans them.
             let scale = from as f32 / to as f32;
@@ -305,6 +342,7 @@ mod tests {
                 output: [1, 1, 1, to],
                 rows: Arc::new(Taps::identity(1)),
                 cols: Arc::new(cols),
+                output_quant: None,
             };
             let row: Vec<f32> = (0..from).map(|_| next()).collect();
             let mut out = vec![f32::NAN; to];
@@ -314,6 +352,23 @@ mod tests {
                 let want = blend(weight[x], row[a], row[b]);
                 assert_eq!(o.to_bits(), want.to_bits(), "{from} -> {to}, output {x}");
             }
+            // Stored quantised (for int8 readers): each value the f32 one quantised.
+            let mut f32_out = vec![f32::NAN; to];
+            op.run(&row, &mut f32_out).unwrap();
+            assert_eq!(f32_out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), out.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
+            let q8 = Source::Bits8(super::super::quant_conv::Quant::covering(-0.3, 0.4));
+            let mut bytes = vec![0u8; to];
+            op.run_rows(&row, &mut bytes, |r, o| q8.quantise_into(r, Stored::U8(o))).unwrap();
+            let q16 = Source::Bits16(super::super::quant_conv::Quant16::covering(-0.5, 0.2));
+            let mut words = vec![0u16; to];
+            op.run_rows(&row, &mut words, |r, o| q16.quantise_into(r, Stored::U16(o))).unwrap();
+            for x in 0..to {
+                assert_eq!(bytes[x] as u16, q8.quantise(out[x]), "{from} -> {to}, byte {x}");
+                assert_eq!(words[x], q16.quantise(out[x]), "{from} -> {to}, word {x}");
+            }
+            clamped |= bytes.contains(&255);
+            inside |= bytes.iter().any(|&b| b < 255);
         }
+        assert!(clamped && inside, "the stored values reach the range's end, and stay inside it");
     }
 }
