@@ -357,20 +357,15 @@ fn int8_f32(isa: Option<Isa>) -> Option<Isa> {
 /// next: folded all at once, IS-Net's 88 MB of f16 and 176 MB of f32 weights were all held at
 /// the same moment, the largest part of the daemon's peak memory.
 fn fold_const_casts(model: &mut TypedModel) -> TractResult<()> {
-    use tract_onnx::tract_core::ops::{cast::Cast, konst::Const};
     const BATCH: usize = 8 << 20;
     loop {
         let mut patch = TypedModelPatch::new("fold casts of constants");
         let mut folded_bytes = 0;
         for node in &model.nodes {
-            let Some(cast) = node.op_as::<Cast>() else { continue };
-            let source = model.node(node.inputs[0].node);
-            let Some(konst) = source.op_as::<Const>() else { continue };
-            let val = konst.val();
-            if konst.exotic_fact().is_some() || !val.datum_type().is_float() || !cast.to.is_float() {
+            let Some((to, val)) = ops::direct_conv::float_cast_of_constant(model, node) else {
                 continue;
-            }
-            let folded = val.cast_to_dt(cast.to)?.into_owned();
+            };
+            let folded = val.cast_to_dt(to)?.into_owned();
             folded_bytes += folded.len() * folded.datum_type().size_of();
             let wire = patch.add_const(format!("{}.folded", node.name), folded)?;
             patch.shunt_outside(model, OutletId::new(node.id, 0), wire)?;

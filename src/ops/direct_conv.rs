@@ -341,22 +341,20 @@ fn match_conv(
 /// (the cast is what the kernel's packing does anyway: folding IS-Net's f16 weights to f32
 /// up front would hold both copies, 264 MB, at once).
 fn constant(model: &TypedModel, outlet: OutletId) -> TractResult<Option<Arc<Tensor>>> {
-    use tract_onnx::tract_core::ops::{cast::Cast, konst::Const};
     if let Some(k) = &model.outlet_fact(outlet)?.konst {
         return Ok(Some(k.clone()));
     }
-    let node = model.node(outlet.node);
-    let Some(cast) = node.op_as::<Cast>() else {
-        return Ok(None);
-    };
-    let Some(konst) = model.node(node.inputs[0].node).op_as::<Const>() else {
-        return Ok(None);
-    };
+    Ok(float_cast_of_constant(model, model.node(outlet.node)).map(|(_, val)| val.clone()))
+}
+
+/// When `node` casts a plain float constant to another float type: the type it casts to and
+/// the constant's value.
+pub(crate) fn float_cast_of_constant<'a>(model: &'a TypedModel, node: &TypedNode) -> Option<(DatumType, &'a Arc<Tensor>)> {
+    use tract_onnx::tract_core::ops::{cast::Cast, konst::Const};
+    let cast = node.op_as::<Cast>()?;
+    let konst = model.node(node.inputs[0].node).op_as::<Const>()?;
     let val = konst.val();
-    if konst.exotic_fact().is_some() || !val.datum_type().is_float() || !cast.to.is_float() {
-        return Ok(None);
-    }
-    Ok(Some(val.clone()))
+    (konst.exotic_fact().is_none() && val.datum_type().is_float() && cast.to.is_float()).then_some((cast.to, val))
 }
 
 /// Whether `pool` is a 2x2 max pool, stride 2, no padding, from an f32 NCHW `input` of exactly

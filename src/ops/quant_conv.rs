@@ -61,12 +61,10 @@ impl Input<'_> {
     }
 }
 
-/// Where tasks store: the output (f32, or bytes when the layer's output is quantised) and the
-/// residual added in the store, if any.
+/// Where tasks store: the output's first element (f32, or u8 or u16 when the layer's output is
+/// stored quantised, as `output_quant` says) and the residual added in the store, if any.
 pub(crate) struct Out {
-    values: *mut f32,
-    bytes: *mut u8,
-    words: *mut u16,
+    base: *mut u8,
     residual: *const f32,
 }
 // SAFETY: tasks write disjoint rows of the output through it, and the tensors outlive `run`.
@@ -209,19 +207,12 @@ impl Source {
         quantise_value(inverse, zero, max, v) as u16
     }
 
-    /// Writes `values` quantised into `out`: bytes for 8 bits, 16-bit words for 16.
-    pub(crate) fn quantise_into(self, values: &[f32], out: Stored) {
+    /// Writes `values` quantised into `out`: bytes (u8) for 8 bits, words (u16) for 16; 16 at a
+    /// time where `avx512` (the caller checked the CPU has AVX-512F).
+    pub(crate) fn quantise_into<T: StoredValue>(self, values: &[f32], out: &mut [T], avx512: bool) {
         let (inverse, zero, max) = self.params();
-        match out {
-            Stored::U8(out) => {
-                assert!(max == 255);
-                quantise_slice(inverse, zero, max, values, out, crate::ops::avx512())
-            }
-            Stored::U16(out) => {
-                assert!(max == 65535);
-                quantise_slice(inverse, zero, max, values, out, crate::ops::avx512())
-            }
-        }
+        assert_eq!(max as usize, (1usize << (8 * size_of::<T>())) - 1, "the element fits the range");
+        quantise_slice(inverse, zero, max, values, out, avx512)
     }
 }
 
@@ -244,7 +235,7 @@ impl StoredValue for u16 {
 
 /// `values` quantised to `0..=max` into `out` (u8 or u16), value by value with
 /// [`quantise_value`], or 16 at a time with the same operations where `avx512` (the caller
-/// checked the CPU has AVX-512F and BW).
+/// checked the CPU has AVX-512F).
 #[inline(always)]
 fn quantise_slice<T: StoredValue>(inverse: f32, zero: i32, max: i32, values: &[f32], out: &mut [T], avx512: bool) {
     assert_eq!(values.len(), out.len());
@@ -263,7 +254,7 @@ fn quantise_slice<T: StoredValue>(inverse: f32, zero: i32, max: i32, values: &[f
 /// `quantise_slice` 16 values at a time: multiply, clamp to +-(max + 1) with NaN to the low end,
 /// round to nearest even, add the zero point, clamp to 0..=max, narrow (as `quantise_value`).
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512bw")]
+#[target_feature(enable = "avx512f")]
 unsafe fn quantise_slice_avx512<T: StoredValue>(inverse: f32, zero: i32, max: i32, values: &[f32], out: &mut [T]) {
     use std::arch::x86_64::*;
     let n = values.len().min(out.len());
@@ -289,11 +280,6 @@ unsafe fn quantise_slice_avx512<T: StoredValue>(inverse: f32, zero: i32, max: i3
     }
 }
 
-/// Where stored activations go: bytes for an 8-bit [`Source`], words for a 16-bit one.
-pub(crate) enum Stored<'a> {
-    U8(&'a mut [u8]),
-    U16(&'a mut [u16]),
-}
 
 /// The instruction set an int8 convolution runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -472,18 +458,6 @@ pub struct QuantConv {
 
 impl Eq for QuantConv {}
 
-/// Per-output-channel symmetric s8 weights of `weights` ([M][K]): the values (in -127..=127)
-/// and their scales, each the step with the least squared error.
-pub fn quantise_weights(weights: &[f32], m: usize) -> (Vec<i8>, Vec<f32>) {
-    let k = weights.len() / m;
-    let mut q = vec![0i8; weights.len()];
-    let mut scales = vec![0f32; m];
-    for ((row, q), scale) in weights.chunks_exact(k).zip(q.chunks_exact_mut(k)).zip(&mut scales) {
-        *scale = quantise_row(row, q);
-    }
-    (q, scales)
-}
-
 /// `round_ties_even` for |x| < 2^22, without a libm call on CPUs with no rounding instruction
 /// (the baseline x86-64): adding 1.5 * 2^23 leaves no fraction bits, so IEEE addition rounds to
 /// the nearest integer, ties to even, as `round_ties_even` does.
@@ -493,7 +467,8 @@ fn round_small(x: f32) -> f32 {
     (x + MAGIC) - MAGIC
 }
 
-/// One output channel's weights quantised into `q`; returns the step.
+/// One output channel's (or one input's part of it) weights quantised symmetrically to s8
+/// (-127..=127) into `q`; returns the step, the one with the least squared error.
 fn quantise_row(row: &[f32], q: &mut [i8]) -> f32 {
     let max = row.iter().fold(0f32, |a, v| a.max(v.abs()));
     let quantise = |v: f32, scale: f32| round_small((v / scale).clamp(-127.0, 127.0));
@@ -525,7 +500,7 @@ fn quantise_row(row: &[f32], q: &mut [i8]) -> f32 {
     scale
 }
 
-/// [`quantise_weights`] with one scale per output channel and per input: `weights` is
+/// [`quantise_row`] with one scale per output channel and per input: `weights` is
 /// [M][C][taps], `channels` the inputs' channel counts. Returns the values ([M][C][taps]) and
 /// the scales (`[input * M + o]`).
 pub fn quantise_weights_by_input(weights: &[f32], m: usize, channels: &[usize], taps: usize) -> (Vec<i8>, Vec<f32>) {
@@ -661,8 +636,8 @@ impl QuantConv {
         stored_fact(self.output_quant, self.geometry.output)
     }
 
-    /// Computes the output from the convolved inputs (f32 or bytes, as `byte_inputs` says) and
-    /// the residual, if any.
+    /// Computes the output from the convolved inputs (f32, or stored quantised as
+    /// `stored_inputs` says) and the residual, if any.
     fn run(&self, inputs: &[Input], residual: Option<&[f32]>, output: Output) {
         let [_, _, oh, _] = self.geometry.output;
         let len: usize = self.geometry.output.iter().product();
@@ -680,35 +655,13 @@ impl QuantConv {
             assert_eq!(r.len(), len);
             r.as_ptr()
         });
-        let out = match output {
-            Output::F32(values) => {
-                assert!(values.len() == len && self.output_quant.is_none());
-                Out {
-                    values: values.as_mut_ptr(),
-                    bytes: std::ptr::null_mut(),
-                    words: std::ptr::null_mut(),
-                    residual,
-                }
-            }
-            Output::U8(bytes) => {
-                assert!(bytes.len() == len && matches!(self.output_quant, Some(Source::Bits8(_))));
-                Out {
-                    values: std::ptr::null_mut(),
-                    bytes: bytes.as_mut_ptr(),
-                    words: std::ptr::null_mut(),
-                    residual,
-                }
-            }
-            Output::U16(words) => {
-                assert!(words.len() == len && matches!(self.output_quant, Some(Source::Bits16(_))));
-                Out {
-                    values: std::ptr::null_mut(),
-                    bytes: std::ptr::null_mut(),
-                    words: words.as_mut_ptr(),
-                    residual,
-                }
-            }
+        let (base, values, fits) = match output {
+            Output::F32(v) => (v.as_mut_ptr().cast(), v.len(), self.output_quant.is_none()),
+            Output::U8(v) => (v.as_mut_ptr(), v.len(), matches!(self.output_quant, Some(Source::Bits8(_)))),
+            Output::U16(v) => (v.as_mut_ptr().cast(), v.len(), matches!(self.output_quant, Some(Source::Bits16(_)))),
         };
+        assert!(values == len && fits, "the output's length and type");
+        let out = Out { base, residual };
         super::par_for(oh.div_ceil(self.band.rows_out), |task| {
             SCRATCH.with(|scratch| {
                 let rows = &mut *scratch.borrow_mut();
@@ -995,24 +948,17 @@ impl QuantConv {
                             r[l] += add[l];
                         }
                     }
+                    // The VNNI-512 kernel's features include AVX-512F.
+                    let avx512 = cfg!(target_arch = "x86_64") && self.isa == QIsa::Vnni512;
                     match self.output_quant {
-                        None => std::slice::from_raw_parts_mut(out.values.add(offset), n).copy_from_slice(&r[..n]),
-                        // The VNNI-512 kernel's features include AVX-512F and BW.
-                        Some(Source::Bits8(q)) => quantise_slice(
-                            1.0 / q.scale,
-                            q.zero as i32,
-                            255,
+                        None => std::slice::from_raw_parts_mut(out.base.cast::<f32>().add(offset), n).copy_from_slice(&r[..n]),
+                        Some(q @ Source::Bits8(_)) => {
+                            q.quantise_into(&r[..n], std::slice::from_raw_parts_mut(out.base.add(offset), n), avx512)
+                        }
+                        Some(q @ Source::Bits16(_)) => q.quantise_into(
                             &r[..n],
-                            std::slice::from_raw_parts_mut(out.bytes.add(offset), n),
-                            cfg!(target_arch = "x86_64") && self.isa == QIsa::Vnni512,
-                        ),
-                        Some(Source::Bits16(q)) => quantise_slice(
-                            1.0 / q.scale,
-                            q.zero as i32,
-                            65535,
-                            &r[..n],
-                            std::slice::from_raw_parts_mut(out.words.add(offset), n),
-                            cfg!(target_arch = "x86_64") && self.isa == QIsa::Vnni512,
+                            std::slice::from_raw_parts_mut(out.base.cast::<u16>().add(offset), n),
+                            avx512,
                         ),
                     }
                 }

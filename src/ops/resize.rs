@@ -8,7 +8,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::resize::{AxisPlan, Interpolator, Resize};
 
-use super::quant_conv::{Source, Stored, stored_fact};
+use super::quant_conv::{Source, stored_fact};
 use super::{for_each_plane, nchw_f32, swap_nodes};
 
 /// Replaces every f32 NCHW Resize (linear, no extrapolation) in `model` with [`PlaneResize`].
@@ -277,13 +277,13 @@ impl EvalOp for PlaneResize {
             Some(q @ Source::Bits8(_)) => {
                 let mut out = unsafe { Tensor::uninitialized::<u8>(&self.output)? };
                 let mut view = out.try_as_plain_ram_mut()?;
-                self.run_rows(src, view.as_slice_mut::<u8>()?, |row, out| q.quantise_into(row, Stored::U8(out)))?;
+                self.run_rows(src, view.as_slice_mut::<u8>()?, |row, out| q.quantise_into(row, out, super::avx512()))?;
                 out
             }
             Some(q @ Source::Bits16(_)) => {
                 let mut out = unsafe { Tensor::uninitialized::<u16>(&self.output)? };
                 let mut view = out.try_as_plain_ram_mut()?;
-                self.run_rows(src, view.as_slice_mut::<u16>()?, |row, out| q.quantise_into(row, Stored::U16(out)))?;
+                self.run_rows(src, view.as_slice_mut::<u16>()?, |row, out| q.quantise_into(row, out, super::avx512()))?;
                 out
             }
         };
@@ -358,10 +358,10 @@ mod tests {
             assert_eq!(f32_out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), out.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
             let q8 = Source::Bits8(super::super::quant_conv::Quant::covering(-0.3, 0.4));
             let mut bytes = vec![0u8; to];
-            op.run_rows(&row, &mut bytes, |r, o| q8.quantise_into(r, Stored::U8(o))).unwrap();
+            op.run_rows(&row, &mut bytes, |r, o| q8.quantise_into(r, o, super::super::avx512())).unwrap();
             let q16 = Source::Bits16(super::super::quant_conv::Quant16::covering(-0.5, 0.2));
             let mut words = vec![0u16; to];
-            op.run_rows(&row, &mut words, |r, o| q16.quantise_into(r, Stored::U16(o))).unwrap();
+            op.run_rows(&row, &mut words, |r, o| q16.quantise_into(r, o, super::super::avx512())).unwrap();
             for x in 0..to {
                 assert_eq!(bytes[x] as u16, q8.quantise(out[x]), "{from} -> {to}, byte {x}");
                 assert_eq!(words[x], q16.quantise(out[x]), "{from} -> {to}, word {x}");
