@@ -265,8 +265,11 @@ impl Model {
                 ops::portable_sigmoids(&mut typed).map_err(|e| fail("portable sigmoid", e))?;
             }
             // `REMOVEBGD_STORED_ACTIVATIONS=off` leaves them f32, to measure one against the other.
-            if stored && std::env::var("REMOVEBGD_STORED_ACTIVATIONS").as_deref() != Ok("off") {
-                let (outputs, saved) = ops::stored_activations(&mut typed).map_err(|e| fail("stored activations", e))?;
+            // (The residuals' rounding to 16 bits goes in either way.)
+            if precision == Precision::Int8 {
+                let store = stored && std::env::var("REMOVEBGD_STORED_ACTIVATIONS").as_deref() != Ok("off");
+                let (outputs, saved) =
+                    ops::stored_activations(&mut typed, store).map_err(|e| fail("stored activations", e))?;
                 tracing::debug!(outputs, saved_mib = saved >> 20, "activations stored quantised");
             }
             tracing::debug!(

@@ -84,7 +84,7 @@ async fn parse_multipart(req: Request, state: &AppState) -> Result<(ProcessReque
 
 pub async fn process(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
     let _slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
-    let (mut parts, bytes) = read_body(req, PROCESS_BODY_LIMIT).await?;
+    let (mut parts, mut bytes) = read_body(req, PROCESS_BODY_LIMIT).await?;
     let caller = Caller::from_request_parts(&mut parts, &state).await?;
     caller.require(SCOPE_PROCESS)?;
     let headers = parts.headers.clone();
@@ -92,7 +92,8 @@ pub async fn process(State(state): State<AppState>, req: Request) -> Result<Resp
     let (body, upload) = if ct == "multipart/form-data" {
         parse_multipart(Request::from_parts(parts, Body::from(bytes)), &state).await?
     } else if is_json(&ct) {
-        (parse_json(&bytes)?, None)
+        // The raw body goes once parsed: it is not held while the job waits its turn.
+        (parse_json(&std::mem::take(&mut bytes))?, None)
     } else {
         return Err(ApiError::bad_request(
             "unsupported_media_type",

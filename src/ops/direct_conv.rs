@@ -222,14 +222,29 @@ pub(crate) fn replace_convs(
     Ok(replaced)
 }
 
-/// The `Conv` at `node` matched with what it takes over: its geometry, weights ([M][C][KH][KW])
-/// and bias, the outlets it reads (the convolved ones, then the residual) and the node whose
-/// output it replaces (the Relu or Add when fused); None when it does not apply.
-#[allow(clippy::type_complexity)]
-fn match_conv(
-    model: &TypedModel,
-    node: &TypedNode,
-) -> TractResult<Option<(Geometry, Tensor, Vec<f32>, TVec<OutletId>, usize)>> {
+/// A convolution's shapes: `[1, C, H, W]` to `[1, M, OH, OW]` with a `kernel`, a `stride`, a
+/// `dilation` and zero padding `pad` before the first row and column.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ConvShape {
+    pub input: [usize; 4],
+    pub output: [usize; 4],
+    pub kernel: [usize; 2],
+    pub stride: [usize; 2],
+    pub dilation: [usize; 2],
+    pub pad: [usize; 2],
+}
+
+/// A group-1 NCHW f32 convolution with constant weights and bias, as read from the model.
+pub(crate) struct PlainConv {
+    pub shape: ConvShape,
+    /// [M][C][KH][KW].
+    pub weights: Tensor,
+    /// One per output channel.
+    pub bias: Vec<f32>,
+}
+
+/// The `Conv` at `node` when it is a [`PlainConv`] (any stride), or None.
+pub(crate) fn plain_conv(model: &TypedModel, node: &TypedNode) -> TractResult<Option<PlainConv>> {
     let Some(conv) = node.op_as::<Conv>() else {
         return Ok(None);
     };
@@ -239,24 +254,21 @@ fn match_conv(
         || conv.kernel_fmt != KernelFormat::OIHW
         || spec.data_format != DataFormat::NCHW
         || spec.kernel_shape.len() != 2
-        || spec.strides().iter().any(|s| *s != 1)
         || node.inputs.len() != 3
     {
         return Ok(None);
     }
-    let Some([1, c, h, w]) = nchw_f32(model.outlet_fact(node.inputs[0])?) else {
-        return Ok(None);
-    };
-    let Some(output @ [1, m, oh, ow]) = nchw_f32(model.outlet_fact(OutletId::new(node.id, 0))?) else {
+    let (Some(input @ [1, c, h, w]), Some(output @ [1, m, oh, ow])) = (
+        nchw_f32(model.outlet_fact(node.inputs[0])?),
+        nchw_f32(model.outlet_fact(OutletId::new(node.id, 0))?),
+    ) else {
         return Ok(None);
     };
     let kernel = [spec.kernel_shape[0], spec.kernel_shape[1]];
-    let dilation = [spec.dilation(0), spec.dilation(1)];
     let padding = spec.computed_padding(&[h, w]);
     if padding[0].convoluted != oh || padding[1].convoluted != ow {
         return Ok(None);
     }
-    let pad = [padding[0].pad_before, padding[1].pad_before];
     let (Some(weights), Some(bias)) = (
         constant(model, node.inputs[1])?,
         constant(model, node.inputs[2])?,
@@ -266,10 +278,44 @@ fn match_conv(
     if weights.shape() != [m, c, kernel[0], kernel[1]] || !(bias.len() == m || bias.len() == 1) {
         return Ok(None);
     }
-    let weights = weights.cast_to::<f32>()?;
+    let weights = weights.cast_to::<f32>()?.into_owned();
     let bias = bias.cast_to::<f32>()?;
     let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
     let bias = if bias.len() == 1 { vec![bias[0]; m] } else { bias };
+    let shape = ConvShape {
+        input,
+        output,
+        kernel,
+        stride: [spec.stride(0), spec.stride(1)],
+        dilation: [spec.dilation(0), spec.dilation(1)],
+        pad: [padding[0].pad_before, padding[1].pad_before],
+    };
+    Ok(Some(PlainConv { shape, weights, bias }))
+}
+
+/// The `Conv` at `node` matched with what it takes over: its geometry, weights ([M][C][KH][KW])
+/// and bias, the outlets it reads (the convolved ones, then the residual) and the node whose
+/// output it replaces (the Relu or Add when fused); None when it does not apply.
+#[allow(clippy::type_complexity)]
+fn match_conv(
+    model: &TypedModel,
+    node: &TypedNode,
+) -> TractResult<Option<(Geometry, Tensor, Vec<f32>, TVec<OutletId>, usize)>> {
+    let Some(plain) = plain_conv(model, node)? else {
+        return Ok(None);
+    };
+    let PlainConv { shape, weights, bias } = plain;
+    let ConvShape {
+        input: [_, _, h, w],
+        output,
+        kernel,
+        dilation,
+        pad,
+        stride,
+    } = shape;
+    if stride != [1, 1] {
+        return Ok(None);
+    }
 
     // Read the concatenated tensors directly when this convolution is the concat's only reader.
     let mut sources: TVec<OutletId> = tvec!(node.inputs[0]);
@@ -334,7 +380,7 @@ fn match_conv(
         relu,
         residual,
     };
-    Ok(Some((geometry, weights.into_owned(), bias, sources, last)))
+    Ok(Some((geometry, weights, bias, sources, last)))
 }
 
 /// The value of `outlet` when it is a constant, or a float constant cast to another float type

@@ -5,7 +5,9 @@
 //! - [`resize`]: bilinear `Resize` split by image plane;
 //! - [`quant_conv`]: the same convolutions in int8, with ranges from [`calibration`];
 //! - [`sigmoid`]: a logistic function with the same bits on every CPU, for the int8 plans;
-//! - [`im2col`]: the packing in front of tract's own matrix products, from runs of pixels.
+//! - [`im2col`]: the packing in front of tract's own matrix products, from runs of pixels;
+//! - [`strided_conv`]: the int8 plans' f32 convolutions with a stride (IS-Net's first), whose
+//!   output can be stored quantised.
 //!
 //! The f32 operators compute exactly what tract's own operators compute (same taps, same weights,
 //! same order of operations), so outputs are bit-identical to tract's; the model tests check it
@@ -18,6 +20,7 @@ pub mod im2col;
 pub mod quant_conv;
 pub mod resize;
 pub mod sigmoid;
+pub mod strided_conv;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::ensure;
@@ -124,6 +127,9 @@ pub fn quant_convs(
         }
         _ => isa.map(|isa| Box::new(direct_conv::DirectConv::new(isa, spec.geometry, spec.weights, spec.bias)) as _),
     })?;
+    // The strided convolutions (IS-Net's first) stay f32, computed so that their output can be
+    // stored quantised.
+    strided_conv::strided_convs(model)?;
     let wanted = table.layers.values().filter(|l| l.int8).count();
     ensure!(
         quantised == wanted,
@@ -132,57 +138,85 @@ pub fn quant_convs(
     Ok((replaced, quantised))
 }
 
-/// Stores quantised the outputs of the int8 convolutions and resizes whose every reader is an
+/// Stores quantised the outputs of the int8 convolutions, strided convolutions and resizes whose every reader is an
 /// int8 convolution reading them with one and the same quantisation (through a max pool or
-/// concatenation or not; never as a residual or a model output): bytes for 8-bit readers,
-/// 16-bit words for 16-bit ones. Those readers then copy the stored values instead of
-/// quantising f32. The results are the same bit for bit (the writer quantises exactly as the
-/// readers would), with a quarter (or half) of the activation memory. Returns how many outputs
-/// it changed and their f32 bytes saved.
-pub fn stored_activations(model: &mut TypedModel) -> TractResult<(usize, usize)> {
+/// concatenation or not; never a model output): bytes for 8-bit readers, 16-bit words for 16-bit
+/// ones. Those readers then copy the stored values instead of quantising f32. An output that is
+/// also a convolution's residual is stored only for 16-bit readers: the residual is then rounded
+/// to those 16 bits before it is added, whether `store` or not, so that the results do not
+/// depend on `store` by a bit (the writer quantises exactly as the readers would). With `store`
+/// false only that rounding is set (for measuring, and for the tests that compare both). Returns
+/// how many outputs it stores and their f32 bytes saved.
+pub fn stored_activations(model: &mut TypedModel, store: bool) -> TractResult<(usize, usize)> {
     use quant_conv::{QuantConv, Source};
+    use strided_conv::StridedConv;
     let outputs = model.output_outlets()?.to_vec();
     let mut chosen = vec![];
     for node in &model.nodes {
-        let writer = node.op_is::<QuantConv>() || node.op_is::<PlaneResize>();
+        let writer = node.op_is::<QuantConv>() || node.op_is::<PlaneResize>() || node.op_is::<StridedConv>();
         if !writer || outputs.contains(&OutletId::new(node.id, 0)) {
             continue;
         }
         let readers = &node.outputs[0].successors;
+        // The convolved readers' one quantisation; residual readers take it too when it is
+        // 16 bits (a step of 1/65535 of the range is lost in the addition's own rounding
+        // nearly everywhere; 8 bits would not be).
         let mut quant: Option<Source> = None;
-        let agreed = !readers.is_empty()
-            && readers.iter().all(|r| {
-                match model.node(r.node).op_as::<QuantConv>().and_then(|c| c.source(r.slot)) {
-                    Some(q) if quant.is_none_or(|p| p == q) => {
-                        quant = Some(q);
-                        true
-                    }
-                    _ => false,
+        let mut residual = false;
+        let agreed = readers.iter().all(|r| {
+            let Some(conv) = model.node(r.node).op_as::<QuantConv>() else {
+                return false;
+            };
+            if conv.is_residual(r.slot) {
+                residual = true;
+                return true;
+            }
+            match conv.source(r.slot) {
+                Some(q) if quant.is_none_or(|p| p == q) => {
+                    quant = Some(q);
+                    true
                 }
-            });
-        if let (true, Some(q)) = (agreed, quant) {
-            chosen.push((node.id, q, readers.clone()));
+                _ => false,
+            }
+        });
+        match quant {
+            Some(q @ Source::Bits16(_)) if agreed => chosen.push((node.id, q, readers.clone())),
+            Some(q @ Source::Bits8(_)) if agreed && !residual => chosen.push((node.id, q, readers.clone())),
+            _ => {}
         }
     }
     let mut saved = 0;
     for (id, quant, readers) in &chosen {
+        for reader in readers {
+            let node = &mut model.nodes[reader.node];
+            let conv = node.op_as::<QuantConv>().expect("chosen above").clone();
+            node.op = Box::new(match (quant, store) {
+                (Source::Bits16(q), _) if conv.is_residual(reader.slot) => {
+                    let conv = conv.with_residual_quant(*q);
+                    if store { conv.with_stored_residual() } else { conv }
+                }
+                (_, true) => conv.with_stored_input(reader.slot),
+                (_, false) => conv,
+            });
+        }
+        if !store {
+            continue;
+        }
         let node = &mut model.nodes[*id];
-        let op: Box<dyn TypedOp> = match node.op_as::<QuantConv>() {
-            Some(conv) => Box::new(conv.clone().with_stored_output(*quant)),
-            None => Box::new(node.op_as::<PlaneResize>().expect("chosen above").clone().with_stored_output(*quant)),
+        let op: Box<dyn TypedOp> = if let Some(conv) = node.op_as::<QuantConv>() {
+            Box::new(conv.clone().with_stored_output(*quant))
+        } else if let Some(conv) = node.op_as::<StridedConv>() {
+            Box::new(conv.clone().with_stored_output(*quant))
+        } else {
+            Box::new(node.op_as::<PlaneResize>().expect("chosen above").clone().with_stored_output(*quant))
         };
         let fact = op.output_facts(&[])?.remove(0);
         let values: usize = fact.shape.as_concrete().map_or(0, |s| s.iter().product());
         saved += values * (4 - fact.datum_type.size_of());
         node.outputs[0].fact = fact;
         node.op = op;
-        for reader in readers {
-            let node = &mut model.nodes[reader.node];
-            let op = node.op_as::<QuantConv>().expect("chosen above").clone().with_stored_input(reader.slot);
-            node.op = Box::new(op);
-        }
     }
-    Ok((chosen.len(), saved))
+    Ok((if store { chosen.len() } else { 0 }, saved))
 }
 
 /// Whether this CPU has AVX-512F.

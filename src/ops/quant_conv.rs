@@ -62,10 +62,28 @@ impl Input<'_> {
 }
 
 /// Where tasks store: the output's first element (f32, or u8 or u16 when the layer's output is
-/// stored quantised, as `output_quant` says) and the residual added in the store, if any.
+/// stored quantised, as `output_quant` says) and the residual added in the store, if any (f32,
+/// or u16 when `residual_quant` says it arrives stored).
 pub(crate) struct Out {
     base: *mut u8,
-    residual: *const f32,
+    residual: *const u8,
+}
+
+/// The residual [`QuantConv::run`] adds: f32, or 16-bit words stored by the layer that made it
+/// (with the quantisation of its 16-bit convolution readers), dequantised as they are added.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Residual<'a> {
+    F32(&'a [f32]),
+    U16(&'a [u16]),
+}
+
+impl Residual<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Residual::F32(r) => r.len(),
+            Residual::U16(r) => r.len(),
+        }
+    }
 }
 // SAFETY: tasks write disjoint rows of the output through it, and the tensors outlive `run`.
 unsafe impl Sync for Out {}
@@ -118,6 +136,13 @@ impl Quant16 {
         let scale = if hi > lo { (hi - lo) / 65535.0 } else { 1.0 };
         let zero = (-lo / scale).round_ties_even().clamp(0.0, 65535.0) as u16;
         Quant16 { scale, zero }
+    }
+
+    /// The real value of `q`: `(q - zero) * scale`, one integer subtraction and one rounding
+    /// multiply on every path.
+    #[inline(always)]
+    pub fn dequantise(self, q: u16) -> f32 {
+        (q as i32 - self.zero as i32) as f32 * self.scale
     }
 }
 
@@ -437,6 +462,9 @@ pub struct QuantConv {
     parts: Vec<Part>,
     /// Per part, its first group of four channels in the copy; then the total.
     group_starts: Vec<usize>,
+    /// Per part, its first group of four channels in a tile's weights; then the total. A
+    /// 16-bit input's two bytes read the same weights (packed once, not twice).
+    weight_starts: Vec<usize>,
     band: Band,
     /// Per tap (ky, kx): its byte offset in a group's copy.
     tap_offsets: Vec<usize>,
@@ -454,6 +482,11 @@ pub struct QuantConv {
     /// When set, the output is stored quantised with it (after the Relu and the residual), for
     /// int8 layers that read it with this same quantisation.
     output_quant: Option<Source>,
+    /// When set, the residual is rounded to 16 bits with it (its 16-bit convolution readers'
+    /// quantisation) before it is added, so that it can arrive stored as 16-bit words.
+    residual_quant: Option<Quant16>,
+    /// Whether the residual arrives stored, as 16-bit words (with `residual_quant`).
+    stored_residual: bool,
 }
 
 impl Eq for QuantConv {}
@@ -549,6 +582,19 @@ impl QuantConv {
             group_starts.push(group_starts.last().unwrap() + geometry.channels[p.input].div_ceil(4));
         }
         let groups = *group_starts.last().unwrap();
+        // A 16-bit input's low byte (the part after its high byte) shares the high byte's weights.
+        let mut weight_starts = Vec::with_capacity(parts.len() + 1);
+        let mut total = 0;
+        for (k, p) in parts.iter().enumerate() {
+            if k > 0 && parts[k - 1].input == p.input {
+                weight_starts.push(weight_starts[k - 1]);
+            } else {
+                weight_starts.push(total);
+                total += geometry.channels[p.input].div_ceil(4);
+            }
+        }
+        weight_starts.push(total);
+        let weight_groups = *weight_starts.last().unwrap();
         let [kh, kw] = geometry.kernel;
         let taps = kh * kw;
         let Shape {
@@ -559,7 +605,7 @@ impl QuantConv {
         } = isa.shape();
         let tc = if m < mt { 1 } else { mt };
         let (q, scales) = quantise_weights_by_input(weights, m, &geometry.channels, taps);
-        let mut packed = vec![0i8; m.div_ceil(tc) * groups * taps * tc * 4];
+        let mut packed = vec![0i8; m.div_ceil(tc) * weight_groups * taps * tc * 4];
         let offset = if isa.signed() { 128 } else { 0 };
         let mut correction = vec![0i32; parts.len() * m];
         let first: Vec<usize> = geometry
@@ -575,9 +621,9 @@ impl QuantConv {
                 let n = geometry.channels[part.input];
                 let per_in = &per_out[first[part.input] * taps..][..n * taps];
                 for (i, per_tap) in per_in.chunks_exact(taps).enumerate() {
-                    let at = group_starts[k] * 4 + i;
+                    let at = weight_starts[k] * 4 + i;
                     for (t, &v) in per_tap.iter().enumerate() {
-                        packed[((((o / tc) * groups + at / 4) * taps + t) * tc + o % tc) * 4 + at % 4] = v;
+                        packed[((((o / tc) * weight_groups + at / 4) * taps + t) * tc + o % tc) * 4 + at % 4] = v;
                         correction[k * m + o] += (offset - part.zero_byte() as i32) * v as i32;
                     }
                 }
@@ -602,6 +648,7 @@ impl QuantConv {
             sources: sources.to_vec(),
             parts,
             group_starts,
+            weight_starts,
             band,
             tap_offsets,
             tile_channels: tc,
@@ -611,12 +658,19 @@ impl QuantConv {
             bias: Arc::new(bias),
             stored_inputs: vec![false; sources.len()],
             output_quant: None,
+            residual_quant: None,
+            stored_residual: false,
         }
     }
 
     /// How convolved input `input` is quantised (None for the residual).
     pub(crate) fn source(&self, input: usize) -> Option<Source> {
         self.sources.get(input).copied()
+    }
+
+    /// Whether input slot `slot` is the residual.
+    pub(crate) fn is_residual(&self, slot: usize) -> bool {
+        self.geometry.residual && slot == self.geometry.channels.len()
     }
 
     /// This convolution with input `input` read already quantised with its source.
@@ -631,6 +685,20 @@ impl QuantConv {
         self
     }
 
+    /// This convolution with its residual rounded to 16 bits with `quant` before it is added.
+    pub(crate) fn with_residual_quant(mut self, quant: Quant16) -> QuantConv {
+        assert!(self.geometry.residual, "a residual to round");
+        self.residual_quant = Some(quant);
+        self
+    }
+
+    /// This convolution with its residual read as 16-bit words, stored with its `residual_quant`.
+    pub(crate) fn with_stored_residual(mut self) -> QuantConv {
+        assert!(self.residual_quant.is_some(), "the residual's quantisation");
+        self.stored_residual = true;
+        self
+    }
+
     /// The output's fact: u8 or u16 when it is stored quantised, else f32.
     fn output_fact(&self) -> TypedFact {
         stored_fact(self.output_quant, self.geometry.output)
@@ -638,7 +706,7 @@ impl QuantConv {
 
     /// Computes the output from the convolved inputs (f32, or stored quantised as
     /// `stored_inputs` says) and the residual, if any.
-    fn run(&self, inputs: &[Input], residual: Option<&[f32]>, output: Output) {
+    fn run(&self, inputs: &[Input], residual: Option<Residual>, output: Output) {
         let [_, _, oh, _] = self.geometry.output;
         let len: usize = self.geometry.output.iter().product();
         assert_eq!(inputs.len(), self.geometry.channels.len());
@@ -651,10 +719,17 @@ impl QuantConv {
             assert!(want, "input {i}'s type");
         }
         assert_eq!(residual.is_some(), self.geometry.residual);
-        let residual = residual.map_or(std::ptr::null(), |r| {
-            assert_eq!(r.len(), len);
-            r.as_ptr()
-        });
+        let residual = match (residual, self.residual_quant) {
+            (None, _) => std::ptr::null(),
+            (Some(r), _) => {
+                assert_eq!(r.len(), len);
+                match (r, self.stored_residual) {
+                    (Residual::F32(r), false) => r.as_ptr().cast(),
+                    (Residual::U16(r), true) => r.as_ptr().cast(),
+                    _ => panic!("the residual's type"),
+                }
+            }
+        };
         let (base, values, fits) = match output {
             Output::F32(v) => (v.as_mut_ptr().cast(), v.len(), self.output_quant.is_none()),
             Output::U8(v) => (v.as_mut_ptr(), v.len(), matches!(self.output_quant, Some(Source::Bits8(_)))),
@@ -815,7 +890,7 @@ impl QuantConv {
         let vectors = per_row * self.band.rows_out.min(oh - y0);
         let tc = self.tile_channels;
         let tiles = m.div_ceil(tc);
-        let tile_weights = self.groups() * self.tap_offsets.len() * tc * 4;
+        let tile_weights = self.weight_groups() * self.tap_offsets.len() * tc * 4;
         let group = (WEIGHT_BUDGET / (tile_weights * size_of::<W>())).clamp(1, tiles);
         for first in (0..tiles).step_by(group) {
             let end = (first + group).min(tiles);
@@ -867,13 +942,28 @@ impl QuantConv {
             lanes[j] = (ow - x).min(VL);
         }
         assert!((groups - 1) * self.band.channel_len * 4 + base[N - 1] + last_tap + VL * 4 <= scratch.len());
-        assert_eq!(weights, groups * self.tap_offsets.len() * T * 4);
+        assert_eq!(weights, self.weight_groups() * self.tap_offsets.len() * T * 4);
+        for part in 0..self.parts.len() {
+            let groups = self.group_starts[part + 1] - self.group_starts[part];
+            assert!(self.weight_starts[part] + groups <= self.weight_groups());
+        }
         (base, at, lanes)
     }
 
     /// Groups of four channels in the copy (each part's channels start a new one).
     fn groups(&self) -> usize {
         *self.group_starts.last().expect("one start per input and the total")
+    }
+
+    /// Groups of four channels' weights in a tile (a 16-bit input's two bytes share theirs).
+    fn weight_groups(&self) -> usize {
+        *self.weight_starts.last().expect("one start per part and the total")
+    }
+
+    /// Where part `part`'s weights start in a tile of `T` channels, in weights.
+    #[inline(always)]
+    fn weight_start<const T: usize>(&self, part: usize) -> usize {
+        self.weight_starts[part] * self.tap_offsets.len() * T * 4
     }
 
     /// Adds part `s`'s term for output channel `o` and one vector to `partial`: `sums` are the
@@ -942,10 +1032,25 @@ impl QuantConv {
                 // SAFETY: lanes `at..at + n` are inside one output row, which only this task
                 // writes, and inside the residual of the same shape.
                 unsafe {
-                    if self.geometry.residual {
-                        let add = std::slice::from_raw_parts(out.residual.add(offset), n);
-                        for l in 0..n {
-                            r[l] += add[l];
+                    match (self.geometry.residual, self.residual_quant, self.stored_residual) {
+                        (false, ..) => {}
+                        (true, None, _) => {
+                            let add = std::slice::from_raw_parts(out.residual.cast::<f32>().add(offset), n);
+                            for l in 0..n {
+                                r[l] += add[l];
+                            }
+                        }
+                        (true, Some(q), false) => {
+                            let add = std::slice::from_raw_parts(out.residual.cast::<f32>().add(offset), n);
+                            for l in 0..n {
+                                r[l] += q.dequantise(Source::Bits16(q).quantise(add[l]));
+                            }
+                        }
+                        (true, Some(q), true) => {
+                            let add = std::slice::from_raw_parts(out.residual.cast::<u16>().add(offset), n);
+                            for l in 0..n {
+                                r[l] += q.dequantise(add[l]);
+                            }
                         }
                     }
                     // The VNNI-512 kernel's features include AVX-512F.
@@ -995,9 +1100,9 @@ impl QuantConv {
     ) {
         const VL: usize = SCALAR.lanes;
         let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights.len(), y0, v);
-        let mut w = weights.chunks_exact(4);
         let mut partial = [[[0f32; VL]; N]; T];
         for part in 0..self.parts.len() {
+            let mut w = weights[self.weight_start::<T>(part)..].chunks_exact(4);
             let mut acc = [[[0i32; VL]; N]; T];
             for g in self.group_starts[part]..self.group_starts[part + 1] {
                 let copy = &scratch[g * self.band.channel_len * 4..];
@@ -1215,11 +1320,12 @@ impl QuantConv {
         const VL: usize = VNNI512.lanes;
         let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights.len(), y0, v);
         let s = scratch.as_ptr();
-        let mut w = weights.as_ptr();
+        let w0 = weights.as_ptr();
         // SAFETY: bounds checked by `vectors`; the caller guarantees the features.
         unsafe {
             let mut partial = [[[0f32; VL]; N]; T];
             for part in 0..self.parts.len() {
+                let mut w = w0.add(self.weight_start::<T>(part));
                 let mut acc = [[_mm512_setzero_si512(); N]; T];
                 for g in self.group_starts[part]..self.group_starts[part + 1] {
                     let copy = s.add(g * self.band.channel_len * 4);
@@ -1278,11 +1384,12 @@ impl QuantConv {
         const VL: usize = AVXVNNI.lanes;
         let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights.len(), y0, v);
         let s = scratch.as_ptr();
-        let mut w = weights.as_ptr();
+        let w0 = weights.as_ptr();
         // SAFETY: bounds checked by `vectors`; the caller guarantees the features.
         unsafe {
             let mut partial = [[[0f32; VL]; N]; T];
             for part in 0..self.parts.len() {
+                let mut w = w0.add(self.weight_start::<T>(part));
                 let mut acc = [[_mm256_setzero_si256(); N]; T];
                 for g in self.group_starts[part]..self.group_starts[part + 1] {
                     let copy = s.add(g * self.band.channel_len * 4);
@@ -1346,11 +1453,12 @@ impl QuantConv {
         const VL: usize = AVX2.lanes;
         let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights.len(), y0, v);
         let s = scratch.as_ptr();
-        let mut w = weights.as_ptr();
+        let w0 = weights.as_ptr();
         // SAFETY: bounds checked by `vectors`; the caller guarantees the features.
         unsafe {
             let mut partial = [[[0f32; VL]; N]; T];
             for part in 0..self.parts.len() {
+                let mut w = w0.add(self.weight_start::<T>(part));
                 let mut acc = [[[_mm256_setzero_si256(); 2]; N]; T];
                 for g in self.group_starts[part]..self.group_starts[part + 1] {
                     let copy = s.add(g * self.band.channel_len * 4);
@@ -1422,7 +1530,7 @@ impl QuantConv {
         const VL: usize = NEONDOT.lanes;
         let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights.len(), y0, v);
         let s = scratch.as_ptr();
-        let mut w = weights.as_ptr();
+        let w0 = weights.as_ptr();
         /// acc += x . (lane L of k), four bytes at a time.
         macro_rules! sdot {
             ($acc:expr, $x:expr, $k:expr, $lane:literal) => {
@@ -1439,6 +1547,7 @@ impl QuantConv {
         unsafe {
             let mut partial = [[[0f32; VL]; N]; T];
             for part in 0..self.parts.len() {
+                let mut w = w0.add(self.weight_start::<T>(part));
                 let mut acc = [[vdupq_n_s32(0); N]; T];
                 for g in self.group_starts[part]..self.group_starts[part + 1] {
                     let copy = s.add(g * self.band.channel_len * 4);
@@ -1510,11 +1619,12 @@ impl QuantConv {
         const VL: usize = NEON.lanes;
         let (base, at, lanes) = self.vectors::<VL, T, N>(scratch, weights.len(), y0, v);
         let s = scratch.as_ptr();
-        let mut w = weights.as_ptr();
+        let w0 = weights.as_ptr();
         // SAFETY: bounds checked by `vectors`; NEON is part of aarch64.
         unsafe {
             let mut partial = [[[0f32; VL]; N]; T];
             for part in 0..self.parts.len() {
+                let mut w = w0.add(self.weight_start::<T>(part));
                 let mut acc = [[[vdupq_n_s32(0); 2]; N]; T];
                 for g in self.group_starts[part]..self.group_starts[part + 1] {
                     let copy = s.add(g * self.band.channel_len * 4);
@@ -1563,7 +1673,7 @@ impl Op for QuantConv {
 
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{:?} {:?} -> {:?} kernel {:?} dilation {:?} relu {} residual {} inputs {:?}",
+            "{:?} {:?} -> {:?} kernel {:?} dilation {:?} relu {} residual {} inputs {:?} stored in {:?} out {:?} residual {:?} {}",
             self.isa,
             self.geometry.channels,
             self.geometry.output,
@@ -1571,7 +1681,11 @@ impl Op for QuantConv {
             self.geometry.dilation,
             self.geometry.relu,
             self.geometry.residual,
-            self.sources
+            self.sources,
+            self.stored_inputs,
+            self.output_quant,
+            self.residual_quant,
+            self.stored_residual
         )])
     }
 
@@ -1601,7 +1715,11 @@ impl EvalOp for QuantConv {
                 })
             })
             .collect::<TractResult<Vec<_>>>()?;
-        let residual = residual.first().map(|v| v.as_slice::<f32>()).transpose()?;
+        let residual = match (residual.first(), self.stored_residual) {
+            (None, _) => None,
+            (Some(v), false) => Some(Residual::F32(v.as_slice::<f32>()?)),
+            (Some(v), true) => Some(Residual::U16(v.as_slice::<u16>()?)),
+        };
         let scale = if g.pooled { 4 } else { 1 };
         let len = g.output.iter().product::<usize>();
         if let Some(r) = residual {
@@ -1870,6 +1988,11 @@ mod tests {
                     })
                     .collect();
                 let mut want = None;
+                // With 16-bit inputs, the residual is rounded to 16 bits too (and arrives
+                // stored as 16-bit words when the inputs do).
+                let residual_quant = Quant16::covering(-0.5, 0.5);
+                let added16: Vec<u16> = added.iter().map(|&v| Source::Bits16(residual_quant).quantise(v)).collect();
+                let added_back: Vec<f32> = added16.iter().map(|&q| residual_quant.dequantise(q)).collect();
                 // The source's inputs (before any pooling), one slice each.
                 let parts = super::super::split_inputs(&source, channels, scale * h * scale * w);
                 // The inputs quantised as the layer before would store them.
@@ -1884,16 +2007,25 @@ mod tests {
                 } else {
                     Source::Bits8(Quant::covering(-1.5, 2.5))
                 };
+                let residual16 = residual && wide;
                 for &isa in &isas {
                     let want = want.get_or_insert_with(|| {
                         let op = QuantConv::new(isa, geometry.clone(), &weights, bias.clone(), &quant);
+                        let added = if residual16 { &added_back } else { &added };
                         reference(&op, &input, &weights, &bias, residual.then_some(&added[..]))
                     });
                     let want_stored: Vec<u16> = want.iter().map(|&v| out_quant.quantise(v)).collect();
-                    // f32 in and out; then the inputs and the output stored quantised.
+                    // f32 in and out; then the inputs and the output (and a 16-bit residual)
+                    // stored quantised.
                     for store in [false, true] {
                         let mut op = QuantConv::new(isa, geometry.clone(), &weights, bias.clone(), &quant);
                         let mut inputs: Vec<Input> = parts.iter().map(|p| Input::F32(p)).collect();
+                        if residual16 {
+                            op = op.with_residual_quant(residual_quant);
+                            if store {
+                                op = op.with_stored_residual();
+                            }
+                        }
                         if store {
                             op = op.with_stored_output(out_quant);
                             for (i, q) in quant.iter().enumerate() {
@@ -1904,7 +2036,11 @@ mod tests {
                                 };
                             }
                         }
-                        let residual = residual.then_some(&added[..]);
+                        let residual = match (residual, residual16 && store) {
+                            (false, _) => None,
+                            (true, false) => Some(Residual::F32(&added[..])),
+                            (true, true) => Some(Residual::U16(&added16[..])),
+                        };
                         let differing = if store && wide {
                             let mut out = vec![0xa5a5u16; m * oh * ow];
                             op.run(&inputs, residual, Output::U16(&mut out));
