@@ -234,6 +234,7 @@ impl Source {
 
     /// Writes `values` quantised into `out`: bytes (u8) for 8 bits, words (u16) for 16; 16 at a
     /// time where `avx512` (the caller checked the CPU has AVX-512F).
+    #[inline(always)]
     pub(crate) fn quantise_into<T: StoredValue>(self, values: &[f32], out: &mut [T], avx512: bool) {
         let (inverse, zero, max) = self.params();
         assert_eq!(max as usize, (1usize << (8 * size_of::<T>())) - 1, "the element fits the range");
@@ -280,6 +281,7 @@ fn quantise_slice<T: StoredValue>(inverse: f32, zero: i32, max: i32, values: &[f
 /// round to nearest even, add the zero point, clamp to 0..=max, narrow (as `quantise_value`).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
+#[inline]
 unsafe fn quantise_slice_avx512<T: StoredValue>(inverse: f32, zero: i32, max: i32, values: &[f32], out: &mut [T]) {
     use std::arch::x86_64::*;
     let n = values.len().min(out.len());
