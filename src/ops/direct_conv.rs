@@ -237,8 +237,9 @@ pub(crate) struct ConvShape {
 /// A group-1 NCHW f32 convolution with constant weights and bias, as read from the model.
 pub(crate) struct PlainConv {
     pub shape: ConvShape,
-    /// [M][C][KH][KW].
-    pub weights: Tensor,
+    /// [M][C][KH][KW], as the model holds them (f16 or f32: the caller converts them once it
+    /// takes the convolution).
+    pub weights: Arc<Tensor>,
     /// One per output channel.
     pub bias: Vec<f32>,
 }
@@ -278,7 +279,6 @@ pub(crate) fn plain_conv(model: &TypedModel, node: &TypedNode) -> TractResult<Op
     if weights.shape() != [m, c, kernel[0], kernel[1]] || !(bias.len() == m || bias.len() == 1) {
         return Ok(None);
     }
-    let weights = weights.cast_to::<f32>()?.into_owned();
     let bias = bias.cast_to::<f32>()?;
     let bias = bias.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
     let bias = if bias.len() == 1 { vec![bias[0]; m] } else { bias };
@@ -380,7 +380,7 @@ fn match_conv(
         relu,
         residual,
     };
-    Ok(Some((geometry, weights, bias, sources, last)))
+    Ok(Some((geometry, weights.cast_to::<f32>()?.into_owned(), bias, sources, last)))
 }
 
 /// The value of `outlet` when it is a constant, or a float constant cast to another float type

@@ -41,9 +41,9 @@ use super::direct_conv::{Band, Geometry, WEIGHT_BUDGET};
 
 /// One convolved input as the operator receives it: f32 values, or values already quantised
 /// with this input's [`Source`] (bytes for 8 bits, words for 16; the output of the layer before,
-/// see [`byte_activations`]).
+/// see [`stored_activations`]). Also the residual: f32, or 16-bit words when it arrives stored.
 ///
-/// [`byte_activations`]: super::byte_activations
+/// [`stored_activations`]: super::stored_activations
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Input<'a> {
     F32(&'a [f32]),
@@ -69,22 +69,6 @@ pub(crate) struct Out {
     residual: *const u8,
 }
 
-/// The residual [`QuantConv::run`] adds: f32, or 16-bit words stored by the layer that made it
-/// (with the quantisation of its 16-bit convolution readers), dequantised as they are added.
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum Residual<'a> {
-    F32(&'a [f32]),
-    U16(&'a [u16]),
-}
-
-impl Residual<'_> {
-    fn len(&self) -> usize {
-        match self {
-            Residual::F32(r) => r.len(),
-            Residual::U16(r) => r.len(),
-        }
-    }
-}
 // SAFETY: tasks write disjoint rows of the output through it, and the tensors outlive `run`.
 unsafe impl Sync for Out {}
 
@@ -597,6 +581,10 @@ impl QuantConv {
         }
         weight_starts.push(total);
         let weight_groups = *weight_starts.last().unwrap();
+        // Each part reads its groups' weights inside a tile's (what `vectors` relies on).
+        for k in 0..parts.len() {
+            assert!(weight_starts[k] + group_starts[k + 1] - group_starts[k] <= weight_groups);
+        }
         let [kh, kw] = geometry.kernel;
         let taps = kh * kw;
         let Shape {
@@ -708,7 +696,7 @@ impl QuantConv {
 
     /// Computes the output from the convolved inputs (f32, or stored quantised as
     /// `stored_inputs` says) and the residual, if any.
-    fn run(&self, inputs: &[Input], residual: Option<Residual>, output: Output) {
+    fn run(&self, inputs: &[Input], residual: Option<Input>, output: Output) {
         let [_, _, oh, _] = self.geometry.output;
         let len: usize = self.geometry.output.iter().product();
         assert_eq!(inputs.len(), self.geometry.channels.len());
@@ -721,13 +709,14 @@ impl QuantConv {
             assert!(want, "input {i}'s type");
         }
         assert_eq!(residual.is_some(), self.geometry.residual);
-        let residual = match (residual, self.residual_quant) {
-            (None, _) => std::ptr::null(),
-            (Some(r), _) => {
+        // f32, or 16-bit words when it arrives stored.
+        let residual = match residual {
+            None => std::ptr::null(),
+            Some(r) => {
                 assert_eq!(r.len(), len);
                 match (r, self.stored_residual) {
-                    (Residual::F32(r), false) => r.as_ptr().cast(),
-                    (Residual::U16(r), true) => r.as_ptr().cast(),
+                    (Input::F32(r), false) => r.as_ptr().cast(),
+                    (Input::U16(r), true) => r.as_ptr().cast(),
                     _ => panic!("the residual's type"),
                 }
             }
@@ -945,10 +934,6 @@ impl QuantConv {
         }
         assert!((groups - 1) * self.band.channel_len * 4 + base[N - 1] + last_tap + VL * 4 <= scratch.len());
         assert_eq!(weights, self.weight_groups() * self.tap_offsets.len() * T * 4);
-        for part in 0..self.parts.len() {
-            let groups = self.group_starts[part + 1] - self.group_starts[part];
-            assert!(self.weight_starts[part] + groups <= self.weight_groups());
-        }
         (base, at, lanes)
     }
 
@@ -1663,6 +1648,39 @@ pub(crate) fn stored_fact(quant: Option<Source>, shape: [usize; 4]) -> TypedFact
     }
 }
 
+/// An operator that makes its output row by row in f32, so that each row can be stored as it
+/// is made: copied, or quantised with the output's [`Source`] (see [`stored_rows_output`]).
+pub(crate) trait RowsOut {
+    /// Every output row of `input`, each written into its place in `out` (the whole output) by
+    /// `write(values, out_row)`.
+    fn rows_into<T: Send + Sync>(&self, input: &[f32], out: &mut [T], write: impl Fn(&[f32], &mut [T]) + Sync)
+    -> TractResult<()>;
+}
+
+/// `op`'s output of `shape` for `input`: f32, or stored quantised with `quant` (bytes or words).
+pub(crate) fn stored_rows_output(op: &impl RowsOut, input: &[f32], quant: Option<Source>, shape: &[usize]) -> TractResult<Tensor> {
+    let avx512 = super::avx512();
+    // SAFETY (each): the element type has no invalid bit patterns, and `rows_into` writes every
+    // row before the tensor is read.
+    Ok(match quant {
+        None => {
+            let mut out = unsafe { Tensor::uninitialized::<f32>(shape)? };
+            op.rows_into(input, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, |r, o| o.copy_from_slice(r))?;
+            out
+        }
+        Some(q @ Source::Bits8(_)) => {
+            let mut out = unsafe { Tensor::uninitialized::<u8>(shape)? };
+            op.rows_into(input, out.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?, |r, o| q.quantise_into(r, o, avx512))?;
+            out
+        }
+        Some(q @ Source::Bits16(_)) => {
+            let mut out = unsafe { Tensor::uninitialized::<u16>(shape)? };
+            op.rows_into(input, out.try_as_plain_ram_mut()?.as_slice_mut::<u16>()?, |r, o| q.quantise_into(r, o, avx512))?;
+            out
+        }
+    })
+}
+
 thread_local! {
     /// Each thread's quantised copy of the rows its current band reads.
     static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -1719,8 +1737,8 @@ impl EvalOp for QuantConv {
             .collect::<TractResult<Vec<_>>>()?;
         let residual = match (residual.first(), self.stored_residual) {
             (None, _) => None,
-            (Some(v), false) => Some(Residual::F32(v.as_slice::<f32>()?)),
-            (Some(v), true) => Some(Residual::U16(v.as_slice::<u16>()?)),
+            (Some(v), false) => Some(Input::F32(v.as_slice::<f32>()?)),
+            (Some(v), true) => Some(Input::U16(v.as_slice::<u16>()?)),
         };
         let scale = if g.pooled { 4 } else { 1 };
         let len = g.output.iter().product::<usize>();
@@ -2040,8 +2058,8 @@ mod tests {
                         }
                         let residual = match (residual, residual16 && store) {
                             (false, _) => None,
-                            (true, false) => Some(Residual::F32(&added[..])),
-                            (true, true) => Some(Residual::U16(&added16[..])),
+                            (true, false) => Some(Input::F32(&added[..])),
+                            (true, true) => Some(Input::U16(&added16[..])),
                         };
                         let differing = if store && wide {
                             let mut out = vec![0xa5a5u16; m * oh * ow];

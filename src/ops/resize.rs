@@ -8,7 +8,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::resize::{AxisPlan, Interpolator, Resize};
 
-use super::quant_conv::{Source, stored_fact};
+use super::quant_conv::{RowsOut, Source, stored_fact, stored_rows_output};
 use super::{for_each_plane, nchw_f32, swap_nodes};
 
 /// Replaces every f32 NCHW Resize (linear, no extrapolation) in `model` with [`PlaneResize`].
@@ -164,12 +164,14 @@ impl PlaneResize {
         self
     }
 
+    #[cfg(test)]
     fn run(&self, src: &[f32], dst: &mut [f32]) -> TractResult<()> {
-        self.run_rows(src, dst, |row, out| out.copy_from_slice(row))
+        self.rows_into(src, dst, |row, out| out.copy_from_slice(row))
     }
+}
 
-    /// `run` with each output row `out` written by `store(row, out)` from its f32 values.
-    fn run_rows<T: Send>(&self, src: &[f32], dst: &mut [T], store: impl Fn(&[f32], &mut [T]) + Sync) -> TractResult<()> {
+impl RowsOut for PlaneResize {
+    fn rows_into<T: Send + Sync>(&self, src: &[f32], dst: &mut [T], store: impl Fn(&[f32], &mut [T]) + Sync) -> TractResult<()> {
         let [_, _, ih, iw] = self.input;
         let [_, _, oh, ow] = self.output;
         ensure!(src.len() == self.input.iter().product::<usize>());
@@ -197,7 +199,9 @@ impl PlaneResize {
         });
         Ok(())
     }
+}
 
+impl PlaneResize {
     /// One output row from a row already resized in height.
     fn columns(&self, row: &[f32], out: &mut [f32]) {
         let cols = &*self.cols;
@@ -265,28 +269,7 @@ impl EvalOp for PlaneResize {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
         let view = input.try_as_plain_ram()?;
-        let src = view.as_slice::<f32>()?;
-        // SAFETY (each): the element type has no invalid bit patterns, and `run` writes every
-        // element (each plane completely) before the tensor is read.
-        let out = match self.output_quant {
-            None => {
-                let mut out = unsafe { Tensor::uninitialized::<f32>(&self.output)? };
-                self.run(src, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?)?;
-                out
-            }
-            Some(q @ Source::Bits8(_)) => {
-                let mut out = unsafe { Tensor::uninitialized::<u8>(&self.output)? };
-                let mut view = out.try_as_plain_ram_mut()?;
-                self.run_rows(src, view.as_slice_mut::<u8>()?, |row, out| q.quantise_into(row, out, super::avx512()))?;
-                out
-            }
-            Some(q @ Source::Bits16(_)) => {
-                let mut out = unsafe { Tensor::uninitialized::<u16>(&self.output)? };
-                let mut view = out.try_as_plain_ram_mut()?;
-                self.run_rows(src, view.as_slice_mut::<u16>()?, |row, out| q.quantise_into(row, out, super::avx512()))?;
-                out
-            }
-        };
+        let out = stored_rows_output(self, view.as_slice::<f32>()?, self.output_quant, &self.output)?;
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -358,10 +341,10 @@ mod tests {
             assert_eq!(f32_out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), out.iter().map(|v| v.to_bits()).collect::<Vec<_>>());
             let q8 = Source::Bits8(super::super::quant_conv::Quant::covering(-0.3, 0.4));
             let mut bytes = vec![0u8; to];
-            op.run_rows(&row, &mut bytes, |r, o| q8.quantise_into(r, o, super::super::avx512())).unwrap();
+            op.rows_into(&row, &mut bytes, |r, o| q8.quantise_into(r, o, super::super::avx512())).unwrap();
             let q16 = Source::Bits16(super::super::quant_conv::Quant16::covering(-0.5, 0.2));
             let mut words = vec![0u16; to];
-            op.run_rows(&row, &mut words, |r, o| q16.quantise_into(r, o, super::super::avx512())).unwrap();
+            op.rows_into(&row, &mut words, |r, o| q16.quantise_into(r, o, super::super::avx512())).unwrap();
             for x in 0..to {
                 assert_eq!(bytes[x] as u16, q8.quantise(out[x]), "{from} -> {to}, byte {x}");
                 assert_eq!(words[x], q16.quantise(out[x]), "{from} -> {to}, word {x}");

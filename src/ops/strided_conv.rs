@@ -14,7 +14,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
 
 use super::direct_conv::ConvShape;
-use super::quant_conv::{Source, stored_fact};
+use super::quant_conv::{RowsOut, Source, stored_fact, stored_rows_output};
 
 /// A group-1 NCHW f32 convolution with any stride, its bias added (see the module comment).
 #[derive(Debug, Clone, PartialEq)]
@@ -124,10 +124,13 @@ impl StridedConv {
         });
     }
 
-    /// Runs into `out` (`[1, M, OH, OW]`), each row written by `write(row, out_row)`.
-    fn run<T: Send + Sync>(&self, input: &[f32], out: &mut [T], write: impl Fn(&[f32], &mut [T]) + Sync) {
+}
+
+impl RowsOut for StridedConv {
+    fn rows_into<T: Send + Sync>(&self, input: &[f32], out: &mut [T], write: impl Fn(&[f32], &mut [T]) + Sync) -> TractResult<()> {
         let [_, _, oh, ow] = self.shape.output;
-        assert_eq!(out.len(), self.shape.output.iter().product::<usize>());
+        ensure!(input.len() == self.shape.input.iter().product::<usize>(), "input of {} values", input.len());
+        ensure!(out.len() == self.shape.output.iter().product::<usize>());
         struct Base<T>(*mut T);
         // SAFETY: each (channel, row) is written by one task only.
         unsafe impl<T> Sync for Base<T> {}
@@ -138,6 +141,7 @@ impl StridedConv {
             let row = unsafe { std::slice::from_raw_parts_mut(base.0.add((o * oh + y) * ow), ow) };
             write(sums, row);
         });
+        Ok(())
     }
 }
 
@@ -159,28 +163,7 @@ impl EvalOp for StridedConv {
     fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
         let input = args_1!(inputs);
         let view = input.try_as_plain_ram()?;
-        let src = view.as_slice::<f32>()?;
-        ensure!(src.len() == self.shape.input.iter().product::<usize>(), "input of {} values", src.len());
-        let avx512 = super::avx512();
-        // SAFETY (each): the element type has no invalid bit patterns, and `run` writes every
-        // row of every channel.
-        let out = match self.output_quant {
-            None => {
-                let mut out = unsafe { Tensor::uninitialized::<f32>(&self.shape.output)? };
-                self.run(src, out.try_as_plain_ram_mut()?.as_slice_mut::<f32>()?, |r, o| o.copy_from_slice(r));
-                out
-            }
-            Some(q @ Source::Bits8(_)) => {
-                let mut out = unsafe { Tensor::uninitialized::<u8>(&self.shape.output)? };
-                self.run(src, out.try_as_plain_ram_mut()?.as_slice_mut::<u8>()?, |r, o| q.quantise_into(r, o, avx512));
-                out
-            }
-            Some(q @ Source::Bits16(_)) => {
-                let mut out = unsafe { Tensor::uninitialized::<u16>(&self.shape.output)? };
-                self.run(src, out.try_as_plain_ram_mut()?.as_slice_mut::<u16>()?, |r, o| q.quantise_into(r, o, avx512));
-                out
-            }
-        };
+        let out = stored_rows_output(self, view.as_slice::<f32>()?, self.output_quant, &self.shape.output)?;
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -203,7 +186,7 @@ pub(crate) fn strided_convs(model: &mut TypedModel) -> TractResult<usize> {
         if conv.shape.stride == [1, 1] {
             return Ok(None);
         }
-        let weights = conv.weights.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+        let weights = conv.weights.cast_to::<f32>()?.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
         Ok(Some((Box::new(StridedConv::new(conv.shape, weights, conv.bias)) as _, node.inputs[0])))
     })
 }
@@ -243,7 +226,7 @@ mod tests {
             };
             let op = StridedConv::new(shape, weights.clone(), bias.clone());
             let mut got = vec![f32::NAN; m * oh * ow];
-            op.run(&input, &mut got, |r, o| o.copy_from_slice(r));
+            op.rows_into(&input, &mut got, |r, o| o.copy_from_slice(r)).unwrap();
             // The plain build of a row (what CPUs without AVX2 and ARM run) gives the same bits
             // as the run (AVX2 here, when the CPU has it).
             let mut scratch = Scratch { taps: vec![], sums: vec![] };
@@ -276,19 +259,14 @@ mod tests {
                 }
             }
             for quant in [Source::Bits8(Quant::covering(-2.0, 1.5)), Source::Bits16(Quant16::covering(-2.0, 1.5))] {
-                let stored = op.clone().with_stored_output(quant);
-                let mut words = vec![0xa5a5u16; m * oh * ow];
-                let mut bytes = vec![0xa5u8; m * oh * ow];
-                match quant {
-                    Source::Bits8(_) => stored.run(&input, &mut bytes, |r, o| quant.quantise_into(r, o, crate::ops::avx512())),
-                    Source::Bits16(_) => stored.run(&input, &mut words, |r, o| quant.quantise_into(r, o, crate::ops::avx512())),
-                }
+                let stored = stored_rows_output(&op, &input, Some(quant), &[1, m, oh, ow]).unwrap();
+                let view = stored.try_as_plain_ram().unwrap();
+                let words: Vec<u16> = match quant {
+                    Source::Bits8(_) => view.as_slice::<u8>().unwrap().iter().map(|&b| b as u16).collect(),
+                    Source::Bits16(_) => view.as_slice::<u16>().unwrap().to_vec(),
+                };
                 for (i, &v) in got.iter().enumerate() {
-                    let have = match quant {
-                        Source::Bits8(_) => bytes[i] as u16,
-                        Source::Bits16(_) => words[i],
-                    };
-                    assert_eq!(have, quant.quantise(v), "{quant:?} at {i}");
+                    assert_eq!(words[i], quant.quantise(v), "{quant:?} at {i}");
                 }
             }
         }
