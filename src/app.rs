@@ -222,6 +222,16 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
         ),
         None => None,
     };
+    let rembg = match &settings.rembg {
+        Some(r) => Some(http::RembgApi {
+            account_id: store_handle
+                .account_by_name(&r.account)
+                .with_context(|| format!("rembg_account {:?}", r.account))?
+                .id,
+            require_key: r.require_key,
+        }),
+        None => None,
+    };
     let link = Arc::new(crate::metrics::LinkState::default());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -253,6 +263,7 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
             requests: Arc::new(http::RequestMetrics::default()),
             mqtt: Arc::clone(&link),
             draining: draining.clone(),
+            rembg,
         };
 
         let stop = CancellationToken::new();

@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{BgColor, DEFAULT_MAX_PIXELS, OutputFormat, OutputSize, Precision};
+use crate::engine::{BgColor, DEFAULT_MAX_PIXELS, Gradient, Margin, OutputFormat, OutputSize, Position, Precision, Roi};
 use crate::provision::DEFAULT_MODEL;
 
 /// removebgd: on-device background removal with a local segmentation model.
@@ -98,20 +98,42 @@ pub struct CutArgs {
     /// Input images (JPEG, PNG, WebP) or folders of them.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
-    /// Output: a file when there is one input and it ends in .png or .webp; otherwise a folder
-    /// (created if missing) that receives `<input stem>.<png|webp>`.
+    /// Output: a file when there is one input and it ends in .png, .webp, .jpg or .zip;
+    /// otherwise a folder (created if missing) that receives `<input stem>.<format>`.
     #[arg(long, short = 'o')]
     pub output: PathBuf,
-    /// Output format (default: from the output file's extension, else png).
+    /// Output format (default: from the output file's extension, else png). `jpg` is opaque
+    /// (white, or the background); `zip` holds color.jpg and alpha.png; `auto` is PNG if
+    /// anything is transparent, else JPG.
     #[arg(long, value_enum)]
     pub format: Option<OutputFormat>,
-    /// `full` keeps the input's size; `preview` scales to at most 0.25 megapixels.
+    /// `full` keeps the input's size; `preview`, `medium` and `hd` scale to at most 0.25, 1.5
+    /// and 4 megapixels.
     #[arg(long, value_enum, default_value_t = OutputSize::Full)]
     pub size: OutputSize,
-    /// Fill the background with this colour (#rgb, #rrggbb or #rrggbbaa) instead of transparency.
-    #[arg(long)]
+    /// Fill the background with this colour (#rgb, #rgba, #rrggbb, #rrggbbaa or a CSS name)
+    /// instead of transparency.
+    #[arg(long, group = "background")]
     pub bg_color: Option<BgColor>,
-    /// Write the gray mask instead of the cutout.
+    /// Lay the cutout over a linear gradient, CSS style: "90deg, #ffffff, #0af 80%".
+    #[arg(long, group = "background")]
+    pub bg_gradient: Option<Gradient>,
+    /// Lay the cutout over this photo, scaled to cover and centred.
+    #[arg(long, group = "background")]
+    pub bg_image: Option<PathBuf>,
+    /// Crop to the subject, with this margin (px or %, 1, 2 or 4 values; "0" for none).
+    #[arg(long, num_args = 0..=1, default_missing_value = "0", allow_hyphen_values = false)]
+    pub crop: Option<Margin>,
+    /// Scale the subject to this share of the canvas ("10%" to "100%").
+    #[arg(long, value_parser = parse_scale)]
+    pub scale: Option<f64>,
+    /// Move the subject: "center", or "X% Y%" of the free space.
+    #[arg(long)]
+    pub position: Option<Position>,
+    /// Only this region of the input ("x1 y1 x2 y2", px or %) can be the subject.
+    #[arg(long)]
+    pub roi: Option<Roi>,
+    /// Write the gray mask instead of the cutout (remove.bg's `channels=alpha`).
     #[arg(long)]
     pub mask_only: bool,
     /// Images processed at once. Inferences take turns (each already uses every core); more
@@ -282,6 +304,14 @@ pub struct ServeArgs {
     /// Account that MQTT-submitted jobs are charged to [default: default].
     #[arg(long, env = "REMOVEBGD_MQTT_ACCOUNT")]
     pub mqtt_account: Option<String>,
+    /// Turns on rembg's server API (`/api/remove`), charging this account: rembg's callers send
+    /// no key [default: none, the API is off].
+    #[arg(long, env = "REMOVEBGD_REMBG_ACCOUNT")]
+    pub rembg_account: Option<String>,
+    /// With the rembg API on, require an API key anyway (any account's key with the process
+    /// scope; that account is charged) [default: false].
+    #[arg(long, env = "REMOVEBGD_REMBG_REQUIRE_KEY", num_args = 0..=1, default_missing_value = "true")]
+    pub rembg_require_key: Option<bool>,
     /// Model: a name from `removebgd models list` (fetched on first start) or an .onnx path [default: isnet].
     #[arg(long, short = 'm', env = "REMOVEBGD_MODEL")]
     pub model: Option<String>,
@@ -326,7 +356,15 @@ pub struct ServeSettings {
     pub results_min_keep: std::time::Duration,
     pub min_free_disk: u64,
     pub mqtt: Option<MqttSettings>,
+    /// rembg's server API: the account it charges, and whether a key is required.
+    pub rembg: Option<RembgSettings>,
     pub engine: EngineArgs,
+}
+
+#[derive(Debug, Clone)]
+pub struct RembgSettings {
+    pub account: String,
+    pub require_key: bool,
 }
 
 /// MQTT connection and topic settings (present when `mqtt_url` is set).
@@ -484,8 +522,20 @@ impl ServeArgs {
         {
             bail!("public_url: {u:?} must start with http:// or https://");
         }
+        let rembg_require_key = self.rembg_require_key.or(file.rembg_require_key);
+        let rembg = match self.rembg_account.or(file.rembg_account) {
+            Some(account) => Some(RembgSettings {
+                account,
+                require_key: rembg_require_key.unwrap_or(false),
+            }),
+            None if rembg_require_key.is_some() => {
+                bail!("rembg_require_key is set but the rembg API is off; set rembg_account to turn it on")
+            }
+            None => None,
+        };
         Ok(ServeSettings {
             mqtt,
+            rembg,
             listen: self
                 .listen
                 .or(file.listen)
@@ -566,6 +616,8 @@ impl ServeSettings {
             node_id: m.map(|m| m.node_id.clone()),
             mqtt_prefix: m.map(|m| m.prefix.clone()),
             mqtt_account: m.map(|m| m.account.clone()),
+            rembg_account: self.rembg.as_ref().map(|r| r.account.clone()),
+            rembg_require_key: self.rembg.as_ref().map(|r| r.require_key),
             model: Some(self.engine.model.clone()),
             models_dir: Some(self.engine.store.models_dir.clone()),
             model_mirror: self.engine.store.mirror.clone(),
@@ -748,6 +800,8 @@ mod tests {
             "mqtt_username",
             "mqtt_password",
             "node_id",
+            "rembg_account",
+            "rembg_require_key",
         ];
         let defaults: String = uncommented
             .lines()
@@ -777,4 +831,8 @@ mod tests {
         };
         assert!(missing.resolve().is_err(), "an explicit config file must exist");
     }
+}
+
+fn parse_scale(s: &str) -> Result<f64, String> {
+    crate::engine::layout::parse_scale(s)?.ok_or_else(|| "give a percentage from 10% to 100%".to_owned())
 }

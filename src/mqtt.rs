@@ -322,9 +322,10 @@ impl Node {
                 width,
                 height,
                 expires_at,
+                foreground,
             } => {
                 let base = job.base_url.as_deref().unwrap_or(&self.ctx.base_url);
-                let body = with_job(&job, completed(base, &file, width, height, expires_at));
+                let body = with_job(&job, completed(base, &file, width, height, expires_at, foreground));
                 self.queue(plain(self.topics.job(&job.id), body.clone()));
                 if job.source == "mqtt" {
                     let answer = answer(&self.topics, &job.id, job.client_ref.as_deref(), &job.reply, body);
@@ -493,7 +494,7 @@ async fn submit(p: &Publish, ctx: &MqttContext, topics: &Topics, counters: &Coun
                     width,
                     height,
                     expires_at,
-                } => completed(&ctx.base_url, &file, width, height, expires_at),
+                } => completed(&ctx.base_url, &file, width, height, expires_at, None),
                 Outcome::Failed { code, message } => failure(&code, &message),
             };
             Some(answer(topics, &id, client_ref.as_deref(), &reply, merge(head, body)))
@@ -507,15 +508,23 @@ async fn submit(p: &Publish, ctx: &MqttContext, topics: &Topics, counters: &Coun
     }
 }
 
-fn completed(base_url: &str, file: &str, width: u32, height: u32, expires_at: i64) -> Value {
-    json!({
+/// A completed job's message; the subject's box (an extension) when known.
+fn completed(base_url: &str, file: &str, width: u32, height: u32, expires_at: i64, fg: Option<[u32; 4]>) -> Value {
+    let mut body = json!({
         "status": "completed",
         "result_url": format!("{base_url}/v1/removebg/results/{file}"),
         "width": width,
         "height": height,
         "credits_used": 1,
         "expires_at": rfc3339(expires_at),
-    })
+    });
+    if let Some([left, top, w, h]) = fg {
+        body["foreground_top"] = json!(top);
+        body["foreground_left"] = json!(left);
+        body["foreground_width"] = json!(w);
+        body["foreground_height"] = json!(h);
+    }
+    body
 }
 
 fn failure(code: &str, message: &str) -> Value {

@@ -158,7 +158,7 @@ async fn every_error_in_the_table_has_the_documented_status_and_charges_nothing(
             "ambiguous_image",
         ),
         (
-            json!({"image_base64": img, "output_format": "jpg"}),
+            json!({"image_base64": img, "output_format": "gif"}),
             StatusCode::BAD_REQUEST,
             "invalid_output_format",
         ),
@@ -897,4 +897,110 @@ fn admin_commands_manage_accounts_and_keys_and_refuse_nonsense() {
         assert_eq!(o.status.code(), Some(2), "{bad:?} should fail");
         assert!(!String::from_utf8_lossy(&o.stderr).trim().is_empty());
     }
+}
+
+
+fn foreground_of(v: &Value) -> [u64; 4] {
+    ["foreground_left", "foreground_top", "foreground_width", "foreground_height"]
+        .map(|k| v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}")))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn native_extensions_crop_jpg_backgrounds_channels_and_the_foreground_box() {
+    let images = image_server().await;
+    let d = Daemon::start(20, &["--fetch-allow", "127.0.0.0/8", "--batch-poll-interval", "0"]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let url = format!("http://{images}/img/chelsea.jpg");
+    let process = |extra: Value| {
+        let (d, key, url) = (&d, &key, &url);
+        async move {
+            let mut body = json!({"image_url": url, "return_base64": true});
+            body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            let (s, _, v) = d.post_json("/v1/removebg/process", key, &body).await;
+            assert_eq!(s, StatusCode::OK, "{extra}: {v}");
+            let bytes = {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD.decode(v["result_base64"].as_str().unwrap()).unwrap()
+            };
+            (v, bytes)
+        }
+    };
+    // The spec's fields keep their meaning: PNG, full size; the box comes with every result.
+    let (v, png) = process(json!({})).await;
+    assert!(v["result_url"].as_str().unwrap().ends_with(".png"));
+    let (w, h, alpha) = alpha_of(&png);
+    assert_eq!((w, h), (451, 300));
+    let [x, y, bw, bh] = subject_box(&alpha, w).map(u64::from);
+    assert_eq!(foreground_of(&v), [x, y, bw, bh]);
+
+    // crop with a margin: the box plus the margin; the subject sits at the margin.
+    let (v, png) = process(json!({"crop": true, "crop_margin": "12px"})).await;
+    assert_eq!((v["width"].as_u64(), v["height"].as_u64()), (Some(bw + 24), Some(bh + 24)));
+    assert_eq!(foreground_of(&v), [12, 12, bw, bh]);
+    let (cw, _, calpha) = alpha_of(&png);
+    let row = |a: &[u8], stride: u64, r: u64, from: u64| a[(r * stride + from) as usize..][..bw as usize].to_vec();
+    assert_eq!(row(&calpha, cw as u64, 12 + bh / 2, 12), row(&alpha, w as u64, y + bh / 2, x));
+
+    // jpg: opaque, served as image/jpeg; on a gradient from black at the left to white.
+    let (v, jpg) = process(json!({"output_format": "jpg", "bg_gradient": "90deg, #000000, #ffffff"})).await;
+    let url_jpg = v["result_url"].as_str().unwrap();
+    assert!(url_jpg.ends_with(".jpg"), "{url_jpg}");
+    let r = d.client.get(url_jpg).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "image/jpeg");
+    let rgb = image::load_from_memory(&jpg).unwrap().into_rgb8();
+    // Transparent pixels on the left edge are dark, on the right edge light.
+    let edge = |col: u32| {
+        (0..h)
+            .filter(|&r| alpha[(r * w + col) as usize] == 0)
+            .map(|r| rgb.get_pixel(col, r)[0] as u32)
+            .next()
+            .unwrap_or_else(|| panic!("no background pixel in column {col}"))
+    };
+    assert!(edge(w - 1) > 220, "right edge {}", edge(w - 1));
+    let left_col = (0..w).find(|&c| (0..h).any(|r| alpha[(r * w + c) as usize] == 0)).unwrap();
+    assert!(edge(left_col) < 60 + left_col * 255 / w, "left side {}", edge(left_col));
+
+    // bg_image_url: a one-colour photo behind the subject; PNG stays the default format.
+    let (_, png) = process(json!({"bg_image_url": format!("http://{images}/solid/0000ff.png")})).await;
+    let rgba = image::load_from_memory(&png).unwrap().into_rgba8();
+    let i = alpha.iter().position(|&a| a == 0).unwrap();
+    assert_eq!(rgba.as_raw()[i * 4..i * 4 + 4], [0, 0, 255, 255]);
+
+    // channels=alpha: the mask alone.
+    let (_, mask) = process(json!({"channels": "alpha"})).await;
+    let mask = image::load_from_memory(&mask).unwrap();
+    assert!(matches!(mask.color(), image::ColorType::L8));
+    assert_eq!(mask.into_luma8().into_raw(), alpha);
+
+    // Refusals keep the native codes and cost nothing.
+    let before = d.credits("shop");
+    for (extra, code) in [
+        (json!({"bg_gradient": "90deg, #fff"}), "invalid_bg_gradient"),
+        (json!({"bg_color": "#fff", "bg_gradient": "#fff, #000"}), "multiple_bg_sources"),
+        (json!({"channels": "rgb"}), "invalid_channels"),
+        (json!({"crop": true, "crop_margin": "wide"}), "invalid_crop_margin"),
+        (json!({"bg_image_url": "file:///etc/passwd"}), "invalid_bg_image_url"),
+        (json!({"output_format": "zip"}), "invalid_output_format"),
+    ] {
+        let mut body = json!({"image_url": url});
+        body.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let (s, h, v) = d.post_json("/v1/removebg/process", &key, &body).await;
+        assert_eq!(error_code(s, &h, &v, StatusCode::BAD_REQUEST), code, "{extra}");
+    }
+    assert_eq!(d.credits("shop"), before);
+
+    // Batch items run from the queue with the same options, and report the box.
+    let body = json!({"images": [{"url": url, "id": "a"}], "output_format": "jpg", "crop": true,
+                      "crop_margin": "5px", "bg_gradient": "#ff0000, #0000ff"});
+    let (s, _, v) = d.post_json("/v1/removebg/batch", &key, &body).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let done = poll_until_done(&d, &key, v["job_id"].as_str().unwrap()).await;
+    let item = &done["items"][0];
+    assert_eq!(item["status"], "completed", "{done}");
+    assert!(item["result_url"].as_str().unwrap().ends_with(".jpg"), "{item}");
+    assert_eq!((item["width"].as_u64(), item["height"].as_u64()), (Some(bw + 10), Some(bh + 10)));
+    assert_eq!(foreground_of(item), [5, 5, bw, bh]);
+    let r = d.client.get(item["result_url"].as_str().unwrap()).send().await.unwrap();
+    let img = image::load_from_memory(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!((img.width() as u64, img.height() as u64), (bw + 10, bh + 10));
 }

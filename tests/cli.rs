@@ -196,3 +196,50 @@ fn a_retired_model_name_runs_its_replacement() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains(r#"model "isnet-int8" is retired: use "isnet""#));
 }
+
+/// The API's extensions on the command line: crop with a margin, JPEG on a background photo,
+/// the mask alone, and `auto` naming each file by the format it chose.
+#[test]
+fn cut_crops_composites_onto_a_photo_and_names_auto_outputs() {
+    let work = tempfile::tempdir().unwrap();
+    let models = work.path().join("models");
+    let photo = fixture("chelsea.jpg");
+    let bg = work.path().join("bg.png");
+    image::RgbImage::from_pixel(40, 30, image::Rgb([0, 0, 255])).save(&bg).unwrap();
+    let run = |args: &[&str], out: &std::path::Path| {
+        let o = cut_cmd(&models).arg(&photo).arg("-o").arg(out).args(args).output().unwrap();
+        assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    };
+    let plain = work.path().join("plain.png");
+    run(&["--mask-only"], &plain);
+    let mask = image::open(&plain).unwrap().into_luma8();
+    let (w, h) = mask.dimensions();
+    let on = |x: u32, y: u32| mask.get_pixel(x, y)[0] >= 16;
+    let cols: Vec<u32> = (0..w).filter(|&x| (0..h).any(|y| on(x, y))).collect();
+    let rows: Vec<u32> = (0..h).filter(|&y| (0..w).any(|x| on(x, y))).collect();
+    let (bw, bh) = (cols.last().unwrap() - cols[0] + 1, rows.last().unwrap() - rows[0] + 1);
+
+    let cropped = work.path().join("cropped.jpg");
+    run(&["--crop", "6px", "--bg-image", bg.to_str().unwrap()], &cropped);
+    let img = image::open(&cropped).unwrap().into_rgb8();
+    assert_eq!(img.dimensions(), (bw + 12, bh + 12));
+    let corner = img.get_pixel(0, 0).0;
+    assert!(corner[2] > 220 && corner[0] < 40, "the photo shows in the margin: {corner:?}");
+
+    // auto: transparent, so PNG, named by what it wrote.
+    let dir = work.path().join("auto");
+    run(&["--format", "auto"], &dir);
+    assert_eq!(listing(&dir), vec!["chelsea.png"]);
+    let dir = work.path().join("auto-on-colour");
+    run(&["--format", "auto", "--bg-color", "white"], &dir);
+    assert_eq!(listing(&dir), vec!["chelsea.jpg"]);
+    // Two backgrounds at once are refused before any work.
+    let o = cut_cmd(&models)
+        .arg(&photo)
+        .arg("-o")
+        .arg(work.path().join("x.png"))
+        .args(["--bg-color", "red", "--bg-gradient", "#fff, #000"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}

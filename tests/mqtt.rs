@@ -551,3 +551,30 @@ async fn batch_progress_is_published_after_each_item() {
     assert_eq!(item["batch_id"], v["job_id"]);
     assert_eq!(item["error"]["code"], "fetch_status");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submission_with_extensions_runs_them_from_the_queue() {
+    let broker = Broker::start();
+    let d = node(&broker, "nodeX", 2).await;
+    let (rig, mut answers) = watch(&broker, "rig-x", &["removebg/results/#"]).await;
+    let job = json!({"image_base64": b64(&read(fixture("chelsea.jpg"))), "output_format": "jpg",
+                     "crop": true, "crop_margin": "8px", "bg_color": "white", "ref": "ext-1"});
+    rig.publish("removebg/jobs/submit", QoS::AtLeastOnce, false, job.to_string())
+        .await
+        .unwrap();
+    let m = next(&mut answers, 30, |m| m.topic == "removebg/results/ext-1").await;
+    assert_eq!(m.body["status"], "completed", "{}", m.body);
+    let url = m.body["result_url"].as_str().unwrap();
+    assert!(url.ends_with(".jpg"), "{url}");
+    let (fw, fh) = (m.body["foreground_width"].as_u64().unwrap(), m.body["foreground_height"].as_u64().unwrap());
+    assert_eq!((m.body["foreground_left"].as_u64(), m.body["foreground_top"].as_u64()), (Some(8), Some(8)));
+    assert_eq!((m.body["width"].as_u64(), m.body["height"].as_u64()), (Some(fw + 16), Some(fh + 16)));
+    let r = d.client.get(url).send().await.unwrap();
+    assert_eq!(r.headers()["content-type"], "image/jpeg");
+    let img = image::load_from_memory(&r.bytes().await.unwrap()).unwrap();
+    assert_eq!((img.width() as u64, img.height() as u64), (fw + 16, fh + 16));
+    // The margin is white: the corner pixel of an opaque JPEG on white.
+    let p = img.into_rgb8().get_pixel(0, 0).0;
+    assert!(p.iter().all(|&c| c > 240), "{p:?}");
+    assert_eq!(d.credits("shop"), (1, 0));
+}

@@ -3,7 +3,7 @@
 mod common;
 use common::*;
 
-use removebgd::engine::{BgColor, CutOptions, OutputFormat, OutputSize};
+use removebgd::engine::{Background, BgColor, CutOptions, OutputFormat, OutputSize};
 
 fn rocket() -> Vec<u8> {
     read(images().join("rocket.jpg"))
@@ -12,7 +12,7 @@ fn rocket() -> Vec<u8> {
 #[test]
 fn opaque_bg_color_makes_every_pixel_opaque() {
     let opts = CutOptions {
-        bg_color: Some("#00ff00".parse::<BgColor>().unwrap()),
+        background: Some(Background::Color("#00ff00".parse::<BgColor>().unwrap())),
         ..Default::default()
     };
     let c = u2netp().cut(&rocket(), &opts).unwrap();
@@ -57,7 +57,7 @@ fn webp_output_is_lossless_with_alpha() {
     for bg in [None, Some("#00ff00"), Some("#ff000080")] {
         let opts = |format| CutOptions {
             format,
-            bg_color: bg.map(|c| c.parse::<BgColor>().unwrap()),
+            background: bg.map(|c| Background::Color(c.parse::<BgColor>().unwrap())),
             ..Default::default()
         };
         let png = u2netp().cut(&rocket(), &opts(OutputFormat::Png)).unwrap();

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::config::CutArgs;
-use crate::engine::{CutOptions, Engine, OutputFormat, Pool};
+use crate::engine::{Background, Channels, CutOptions, Engine, Layout, OutputFormat, Pool};
 
 const INPUT_EXTENSIONS: [&str; 4] = ["jpg", "jpeg", "png", "webp"];
 
@@ -30,11 +30,25 @@ pub fn run(args: CutArgs) -> Result<Summary> {
     let inputs = collect_inputs(&args.inputs)?;
     let (jobs, format) = plan(&inputs, &args.output, args.format)?;
     let engine = Arc::new(crate::app::load_engine(&args.engine, 0)?);
+    let background = match (args.bg_color, &args.bg_gradient, &args.bg_image) {
+        (Some(c), _, _) => Some(Background::Color(c)),
+        (_, Some(g), _) => Some(Background::Gradient(g.clone())),
+        (_, _, Some(path)) => Some(Background::Image(Arc::new(
+            std::fs::read(path).with_context(|| format!("reading the background {}", path.display()))?,
+        ))),
+        _ => None,
+    };
     let opts = Arc::new(CutOptions {
         format,
         size: args.size,
-        bg_color: args.bg_color,
-        mask_only: args.mask_only,
+        background,
+        channels: if args.mask_only { Channels::Alpha } else { Channels::Rgba },
+        roi: args.roi,
+        layout: Layout {
+            crop: args.crop,
+            scale: args.scale,
+            position: args.position,
+        },
     });
     let pool = Pool::new(args.jobs);
     let started = Instant::now();
@@ -86,7 +100,12 @@ pub fn run(args: CutArgs) -> Result<Summary> {
 fn process(engine: &Engine, opts: &CutOptions, job: &Job) -> Result<()> {
     let bytes = std::fs::read(&job.input).context("reading")?;
     let cutout = engine.cut(&bytes, opts)?;
-    write_atomically(&job.output, &cutout.bytes)
+    // `auto` picks the format per image; the name follows it.
+    let output = match opts.format {
+        OutputFormat::Auto => job.output.with_extension(cutout.format.extension()),
+        _ => job.output.clone(),
+    };
+    write_atomically(&output, &cutout.bytes)
 }
 
 /// Writes through a temporary file beside `path`, so a failure never leaves a partial output.
@@ -142,12 +161,14 @@ fn format_of(p: &Path) -> Option<OutputFormat> {
     match p.extension()?.to_str()?.to_ascii_lowercase().as_str() {
         "png" => Some(OutputFormat::Png),
         "webp" => Some(OutputFormat::Webp),
+        "jpg" | "jpeg" => Some(OutputFormat::Jpg),
+        "zip" => Some(OutputFormat::Zip),
         _ => None,
     }
 }
 
 /// Decides each output path and the format. `-o` is a file when there is exactly one input and
-/// it ends in .png/.webp; otherwise it is a folder, created if missing.
+/// it ends in .png, .webp, .jpg, .jpeg or .zip; otherwise it is a folder, created if missing.
 fn plan(inputs: &[PathBuf], output: &Path, format: Option<OutputFormat>) -> Result<(Vec<Job>, OutputFormat)> {
     if let (true, Some(ext_format)) = (inputs.len() == 1 && !output.is_dir(), format_of(output)) {
         if let Some(f) = format.filter(|&f| f != ext_format) {
@@ -164,9 +185,6 @@ fn plan(inputs: &[PathBuf], output: &Path, format: Option<OutputFormat>) -> Resu
             }],
             ext_format,
         ));
-    }
-    if has_extension(output, &["jpg", "jpeg"]) && inputs.len() == 1 {
-        bail!("cannot write a cutout as JPEG (no transparency): use .png or .webp");
     }
     if output.is_file() {
         bail!(

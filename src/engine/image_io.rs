@@ -259,21 +259,56 @@ pub enum OutputFormat {
     #[default]
     Png,
     Webp,
+    /// Opaque: transparent parts are laid over the background, or white.
+    Jpg,
+    /// `color.jpg` (the colours) and `alpha.png` (the mask) in one ZIP.
+    Zip,
+    /// PNG if anything in the result is transparent, else JPG.
+    Auto,
 }
 
 impl OutputFormat {
+    /// The file extension (`auto` is resolved before anything is written; as a name, "auto").
     pub fn extension(self) -> &'static str {
         match self {
             OutputFormat::Png => "png",
             OutputFormat::Webp => "webp",
+            OutputFormat::Jpg => "jpg",
+            OutputFormat::Zip => "zip",
+            OutputFormat::Auto => "auto",
         }
     }
     pub fn content_type(self) -> &'static str {
         match self {
-            OutputFormat::Png => "image/png",
+            OutputFormat::Png | OutputFormat::Auto => "image/png",
             OutputFormat::Webp => "image/webp",
+            OutputFormat::Jpg => "image/jpeg",
+            OutputFormat::Zip => "application/zip",
         }
     }
+}
+
+/// Baseline JPEG of `L8` or `Rgb8` pixels.
+pub fn encode_jpeg(pixels: &[u8], w: u32, h: u32, color: ExtendedColorType, quality: u8) -> Result<Vec<u8>, ImageError> {
+    let mut out = Vec::with_capacity(pixels.len() / 8);
+    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, quality)
+        .write_image(pixels, w, h, color)
+        .map_err(|e| ImageError::Encode(e.to_string()))?;
+    Ok(out)
+}
+
+/// A ZIP of already-compressed members, stored as they are.
+pub fn zip(members: &[(&str, &[u8])]) -> Result<Vec<u8>, ImageError> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .last_modified_time(zip::DateTime::default());
+    for (name, bytes) in members {
+        w.start_file(*name, opts).map_err(|e| ImageError::Encode(e.to_string()))?;
+        w.write_all(bytes).map_err(|e| ImageError::Encode(e.to_string()))?;
+    }
+    Ok(w.finish().map_err(|e| ImageError::Encode(e.to_string()))?.into_inner())
 }
 
 /// Encodes raw 8-bit pixels (`L8` gray or `Rgba8`) as PNG (our parallel writer: the cutout is big
@@ -300,6 +335,9 @@ pub fn encode(
                     row.copy_from_slice(&pixels[y * stride..][..stride])
                 })
             }))
+        }
+        OutputFormat::Jpg | OutputFormat::Zip | OutputFormat::Auto => {
+            Err(ImageError::Encode(format!("{format:?} is encoded by the cutout, not here")))
         }
         OutputFormat::Webp => {
             let mut out = Vec::with_capacity(pixels.len() / 2);

@@ -4,21 +4,25 @@
 mod budget;
 mod color;
 pub mod image_io;
+pub mod layout;
 mod model;
 mod png_writer;
 pub mod pool;
 mod prepost;
 pub mod resize;
 
+use std::borrow::Cow;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fast_image_resize::{FilterType, PixelType};
 use image::ExtendedColorType;
 use serde::{Deserialize, Serialize};
 
-pub use color::{BgColor, ColorError};
+pub use color::{BgColor, ColorError, Gradient, GradientError};
 pub use image_io::{ImageError, OutputFormat, Picture};
+pub use layout::{BoxPx, Layout, Margin, Position, Roi};
 pub use model::{Model, Precision, on_pool, use_threads};
 pub use pool::Pool;
 
@@ -40,31 +44,90 @@ pub enum EngineError {
     Model(String),
     #[error("inference failed: {0}")]
     Inference(String),
+    /// An option that cannot be met for this image (an roi outside it, nothing to crop to, a
+    /// background photo that does not decode).
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
 }
 
-/// `output_size` in the API: a small preview or the original resolution.
+impl From<layout::LayoutError> for EngineError {
+    fn from(e: layout::LayoutError) -> EngineError {
+        EngineError::Invalid {
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
+/// `output_size` in the API: a small preview or the original resolution (and remove.bg's
+/// legacy in-between sizes).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum OutputSize {
     /// At most 0.25 megapixels, aspect ratio kept.
     Preview,
+    /// At most 1.5 megapixels (remove.bg's `medium`).
+    Medium,
+    /// At most 4 megapixels (remove.bg's `hd`).
+    Hd,
     /// The input's own size.
     #[default]
     Full,
 }
 
+impl OutputSize {
+    /// The most pixels of this size (`None`: the input's own).
+    pub fn max_pixels(self) -> Option<u64> {
+        match self {
+            OutputSize::Preview => Some(PREVIEW_PIXELS),
+            OutputSize::Medium => Some(1_500_000),
+            OutputSize::Hd => Some(4_000_000),
+            OutputSize::Full => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            OutputSize::Preview => "preview",
+            OutputSize::Medium => "medium",
+            OutputSize::Hd => "hd",
+            OutputSize::Full => "full",
+        }
+    }
+}
+
 /// Pixel budget of `OutputSize::Preview`.
 pub const PREVIEW_PIXELS: u64 = 250_000;
+
+/// What the cutout is laid over.
+#[derive(Debug, Clone)]
+pub enum Background {
+    Color(BgColor),
+    Gradient(Gradient),
+    /// An encoded photo (JPEG, PNG or WebP), scaled to cover the canvas and centred.
+    Image(Arc<Vec<u8>>),
+}
+
+/// The cutout (RGBA) or its mask alone (gray).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Channels {
+    #[default]
+    Rgba,
+    Alpha,
+}
 
 /// What to produce from one input image.
 #[derive(Debug, Clone, Default)]
 pub struct CutOptions {
     pub format: OutputFormat,
     pub size: OutputSize,
-    /// Composite onto this colour instead of leaving the background transparent.
-    pub bg_color: Option<BgColor>,
-    /// Emit the 8-bit mask as a gray image instead of the cutout.
-    pub mask_only: bool,
+    /// Composite onto this instead of leaving the background transparent.
+    pub background: Option<Background>,
+    pub channels: Channels,
+    /// Only this region of the input can be foreground.
+    pub roi: Option<Roi>,
+    pub layout: Layout,
 }
 
 /// Wall time of each stage of one cutout.
@@ -89,7 +152,10 @@ pub struct Cutout {
     pub bytes: Vec<u8>,
     pub width: u32,
     pub height: u32,
+    /// The format written (`Auto` resolved).
     pub format: OutputFormat,
+    /// The subject's bounding box in the output (`None`: no subject found).
+    pub foreground: Option<BoxPx>,
     pub timings: Timings,
 }
 
@@ -152,11 +218,12 @@ impl Engine {
         let header = image_io::header(input, self.max_pixels)?;
         let read_header = start.elapsed();
         let per_pixel = cutout_bytes_per_pixel(header.color, opts.format);
+        let extra = self.extra_bytes(&header, opts)?;
         // Reserved here, on the caller's thread: the inference pool's threads must stay free
         // for the cutouts that hold the memory, or they could not finish and return it.
         let _memory = self
             .images
-            .reserve(header.pixels().saturating_mul(per_pixel))
+            .reserve(header.pixels().saturating_mul(per_pixel).saturating_add(extra))
             .ok_or(ImageError::OverMemory {
                 width: header.width,
                 height: header.height,
@@ -171,15 +238,51 @@ impl Engine {
         t.decode = read_header + start.elapsed();
         let layers = self.layers(&picture, opts, &mut t)?;
         let start = Instant::now();
-        let bytes = layers.encode(opts)?;
+        let backdrop = self.backdrop(opts, &layers)?;
+        let (bytes, format) = layers.encode(opts, &backdrop)?;
         t.encode = start.elapsed();
         let (width, height) = layers.size;
         Ok(Cutout {
             bytes,
             width,
             height,
-            format: opts.format,
+            format,
+            foreground: layers.foreground,
             timings: t,
+        })
+    }
+
+    /// Memory beyond the per-pixel estimate: a background photo decoded and fitted, and the new
+    /// canvas of a crop or a move (at most 1000 px wider and higher than the image).
+    fn extra_bytes(&self, header: &image_io::Header, opts: &CutOptions) -> Result<u64, EngineError> {
+        let mut extra = 0u64;
+        let canvas = if opts.layout.is_identity() {
+            header.pixels()
+        } else {
+            let canvas = (header.width as u64 + 1000) * (header.height as u64 + 1000);
+            extra += canvas * 4;
+            canvas
+        };
+        if let Some(Background::Image(bytes)) = &opts.background {
+            let bg = image_io::header(bytes, self.max_pixels).map_err(bg_image_error)?;
+            extra += bg.pixels() * (bg.color.bytes_per_pixel() as u64 + 4).max(8) + canvas * 3;
+        }
+        Ok(extra)
+    }
+
+    /// The background laid out for `layers`' canvas.
+    fn backdrop(&self, opts: &CutOptions, layers: &Layers<'_>) -> Result<Backdrop, EngineError> {
+        if opts.channels == Channels::Alpha {
+            return Ok(Backdrop::None);
+        }
+        Ok(match &opts.background {
+            None => Backdrop::None,
+            Some(Background::Color(c)) => Backdrop::Solid(*c),
+            Some(Background::Gradient(g)) => Backdrop::Gradient(g.clone()),
+            Some(Background::Image(bytes)) => {
+                let bg = on_pool(|| image_io::decode(bytes, self.max_pixels)).map_err(bg_image_error)?;
+                Backdrop::Image(on_pool(|| cover(&bg.rgb, layers.size)))
+            }
         })
     }
 
@@ -198,12 +301,13 @@ impl Engine {
         Ok(mask)
     }
 
-    /// The mask (and, for a cutout, the colours) at the requested size, ready to encode.
+    /// The mask (and, for a cutout, the colours) at the requested size and laid out, ready to
+    /// encode.
     fn layers<'p>(&self, picture: &'p Picture, opts: &CutOptions, t: &mut Timings) -> Result<Layers<'p>, EngineError> {
         let (w, h) = (picture.width(), picture.height());
-        let size = match opts.size {
-            OutputSize::Full => (w, h),
-            OutputSize::Preview => resize::fit_within(w, h, PREVIEW_PIXELS),
+        let size = match opts.size.max_pixels() {
+            None => (w, h),
+            Some(max) => resize::fit_within(w, h, max),
         };
         let mut mask = self.mask(picture, size, t)?;
         let start = Instant::now();
@@ -214,38 +318,193 @@ impl Engine {
                 *m = ((*m as u16 * a as u16 + 127) / 255) as u8;
             }
         }
-        let rgb = (!opts.mask_only).then(|| shrink(picture.rgb.as_raw(), (w, h), PixelType::U8x3, size));
+        if let Some(roi) = &opts.roi {
+            layout::apply_roi(roi, (w, h), &mut mask, size)?;
+        }
+        let wants_rgb = opts.channels == Channels::Rgba || opts.format == OutputFormat::Zip;
+        let mut rgb = wants_rgb.then(|| shrink(picture.rgb.as_raw(), (w, h), PixelType::U8x3, size));
+        let mut size = size;
+        if !opts.layout.is_identity() {
+            let subject = layout::foreground(&mask, size).ok_or_else(|| EngineError::Invalid {
+                code: "unknown_foreground",
+                message: "no subject was found in the image to crop, scale or position".into(),
+            })?;
+            let (canvas, to) = opts.layout.place(subject, size);
+            mask = on_pool(|| layout::transplant(&mask, size, 1, subject, canvas, to));
+            rgb = rgb.map(|rgb| Cow::Owned(on_pool(|| layout::transplant(&rgb, size, 3, subject, canvas, to))));
+            size = canvas;
+        }
+        let foreground = layout::foreground(&mask, size);
         t.postprocess += start.elapsed();
-        Ok(Layers { size, mask, rgb })
+        Ok(Layers {
+            size,
+            mask,
+            rgb,
+            foreground,
+        })
     }
 }
 
-/// A cutout before encoding: the mask, and the colours unless only the mask is wanted.
+fn bg_image_error(e: ImageError) -> EngineError {
+    EngineError::Invalid {
+        code: "invalid_bg_image",
+        message: format!("the background image cannot be used: {e}"),
+    }
+}
+
+/// `src` scaled to cover `size` (aspect kept) and centred, as RGB.
+fn cover(src: &image::RgbImage, (cw, ch): (u32, u32)) -> Vec<u8> {
+    let (bw, bh) = src.dimensions();
+    if (bw, bh) == (cw, ch) {
+        return src.as_raw().clone();
+    }
+    // The centred part of the photo with the canvas's aspect, then resized to the canvas.
+    let s = (cw as f64 / bw as f64).max(ch as f64 / bh as f64);
+    let (rw, rh) = (
+        ((cw as f64 / s).round() as u32).clamp(1, bw),
+        ((ch as f64 / s).round() as u32).clamp(1, bh),
+    );
+    let from = BoxPx {
+        left: (bw - rw) / 2,
+        top: (bh - rh) / 2,
+        width: rw,
+        height: rh,
+    };
+    let to = BoxPx {
+        left: 0,
+        top: 0,
+        width: cw,
+        height: ch,
+    };
+    layout::transplant(src.as_raw(), (bw, bh), 3, from, (cw, ch), to)
+}
+
+/// The background behind one canvas.
+enum Backdrop {
+    None,
+    Solid(BgColor),
+    Gradient(Gradient),
+    /// RGB at the canvas's size.
+    Image(Vec<u8>),
+}
+
+impl Backdrop {
+    /// Row `y` as the compositor takes it; `scratch` holds RGBA when one is built.
+    fn row<'a>(&'a self, y: usize, size: (u32, u32), scratch: &'a mut Vec<u8>) -> color::BgRow<'a> {
+        let width = size.0 as usize;
+        match self {
+            Backdrop::None => color::BgRow::Transparent,
+            Backdrop::Solid(c) => color::BgRow::Solid(*c),
+            Backdrop::Gradient(g) => {
+                scratch.resize(width * 4, 0);
+                g.fill_row(y, size, scratch);
+                color::BgRow::Pixels(scratch)
+            }
+            Backdrop::Image(rgb) => {
+                scratch.clear();
+                for p in rgb[y * width * 3..][..width * 3].chunks_exact(3) {
+                    scratch.extend_from_slice(&[p[0], p[1], p[2], 255]);
+                }
+                color::BgRow::Pixels(scratch)
+            }
+        }
+    }
+
+    fn opaque(&self) -> bool {
+        match self {
+            Backdrop::None => false,
+            Backdrop::Solid(c) => c.0[3] == 255,
+            Backdrop::Gradient(g) => g.opaque(),
+            Backdrop::Image(_) => true,
+        }
+    }
+}
+
+/// A cutout before encoding: the mask, the colours unless only the mask is wanted, and where
+/// the subject is.
 struct Layers<'p> {
     size: (u32, u32),
     mask: Vec<u8>,
-    rgb: Option<std::borrow::Cow<'p, [u8]>>,
+    rgb: Option<Cow<'p, [u8]>>,
+    foreground: Option<BoxPx>,
 }
 
+/// Quality of JPEG output (`jpg`, and `color.jpg` in a ZIP).
+const JPEG_QUALITY: u8 = 90;
+
 impl Layers<'_> {
-    /// Encodes the gray mask or the RGBA cutout. PNG rows are composed band by band as the
-    /// writer asks for them, on the inference threads, so no full RGBA copy is ever built.
-    fn encode(&self, opts: &CutOptions) -> Result<Vec<u8>, ImageError> {
+    /// Encodes the gray mask or the cutout, resolving `auto`. PNG rows are composed band by
+    /// band as the writer asks for them, on the inference threads, so no full RGBA copy is
+    /// ever built.
+    fn encode(&self, opts: &CutOptions, bg: &Backdrop) -> Result<(Vec<u8>, OutputFormat), ImageError> {
         let (w, h) = self.size;
-        let width = w as usize;
-        match (&self.rgb, opts.format) {
-            (None, format) => image_io::encode(&self.mask, w, h, ExtendedColorType::L8, format),
-            (Some(rgb), OutputFormat::Png) => Ok(on_pool(|| {
-                png_writer::write_png(w, h, 4, |y, row| {
-                    let mask = &self.mask[y * width..][..width];
-                    color::compose_into(&rgb[y * width * 3..][..width * 3], mask, opts.bg_color, row)
-                })
-            })),
-            (Some(rgb), format) => {
-                let rgba = color::compose(rgb, &self.mask, opts.bg_color);
-                image_io::encode(&rgba, w, h, ExtendedColorType::Rgba8, format)
+        let format = match opts.format {
+            // A mask is kept lossless; a cutout is a JPEG when nothing in it is transparent.
+            OutputFormat::Auto if self.rgb.is_none() => OutputFormat::Png,
+            OutputFormat::Auto if bg.opaque() || self.mask.iter().all(|&a| a == 255) => OutputFormat::Jpg,
+            OutputFormat::Auto => OutputFormat::Png,
+            f => f,
+        };
+        let bytes = match (&self.rgb, format) {
+            (_, OutputFormat::Zip) => {
+                let rgb = self.rgb.as_deref().expect("a ZIP keeps the colours");
+                // color.jpg: the subject's colours, or the composite when there is a background.
+                let color = match bg {
+                    Backdrop::None => image_io::encode_jpeg(rgb, w, h, ExtendedColorType::Rgb8, JPEG_QUALITY)?,
+                    _ => self.flat_jpeg(rgb, bg)?,
+                };
+                let alpha = image_io::encode(&self.mask, w, h, ExtendedColorType::L8, OutputFormat::Png)?;
+                image_io::zip(&[("color.jpg", &color), ("alpha.png", &alpha)])?
             }
+            (None, OutputFormat::Jpg) => image_io::encode_jpeg(&self.mask, w, h, ExtendedColorType::L8, JPEG_QUALITY)?,
+            (None, format) => image_io::encode(&self.mask, w, h, ExtendedColorType::L8, format)?,
+            (Some(rgb), OutputFormat::Png) => {
+                let width = w as usize;
+                on_pool(|| {
+                    png_writer::write_png(w, h, 4, |y, row| {
+                        let mask = &self.mask[y * width..][..width];
+                        let mut scratch = Vec::new();
+                        let under = bg.row(y, self.size, &mut scratch);
+                        color::compose_row(&rgb[y * width * 3..][..width * 3], mask, under, row)
+                    })
+                })
+            }
+            (Some(rgb), OutputFormat::Jpg) => self.flat_jpeg(rgb, bg)?,
+            (Some(rgb), format) => {
+                let rgba = self.composed(rgb, bg);
+                image_io::encode(&rgba, w, h, ExtendedColorType::Rgba8, format)?
+            }
+        };
+        Ok((bytes, format))
+    }
+
+    /// The whole RGBA composite.
+    fn composed(&self, rgb: &[u8], bg: &Backdrop) -> Vec<u8> {
+        use rayon::prelude::*;
+        let width = self.size.0 as usize;
+        let mut out = vec![0; self.mask.len() * 4];
+        on_pool(|| {
+            out.par_chunks_mut(width * 4).enumerate().for_each(|(y, row)| {
+                let mut scratch = Vec::new();
+                let under = bg.row(y, self.size, &mut scratch);
+                color::compose_row(&rgb[y * width * 3..][..width * 3], &self.mask[y * width..][..width], under, row)
+            })
+        });
+        out
+    }
+
+    /// A JPEG of the composite, laid over white where anything is still transparent.
+    fn flat_jpeg(&self, rgb: &[u8], bg: &Backdrop) -> Result<Vec<u8>, ImageError> {
+        let (w, h) = self.size;
+        let rgba = self.composed(rgb, bg);
+        let mut flat = Vec::with_capacity(self.mask.len() * 3);
+        for p in rgba.chunks_exact(4) {
+            let a = p[3] as u32;
+            let mix = |c: u8| ((c as u32 * a + 255 * (255 - a) + 127) / 255) as u8;
+            flat.extend_from_slice(&[mix(p[0]), mix(p[1]), mix(p[2])]);
         }
+        drop(rgba);
+        image_io::encode_jpeg(&flat, w, h, ExtendedColorType::Rgb8, JPEG_QUALITY)
     }
 }
 
@@ -260,16 +519,20 @@ fn cutout_bytes_per_pixel(decoded: image::ColorType, format: OutputFormat) -> u6
     let decode = (decoded.bytes_per_pixel() as u64 + 4).max(8);
     let output = match format {
         OutputFormat::Png => 5,
+        // The RGBA composite, its flattened RGB copy and the file.
+        OutputFormat::Jpg | OutputFormat::Auto => 9,
+        // The same, plus the mask's PNG.
+        OutputFormat::Zip => 11,
         OutputFormat::Webp => 12,
     };
     decode.max(5 + output)
 }
 
 /// Resizes to `size` with Lanczos3 if it differs; borrows nothing when it doesn't need to.
-fn shrink(src: &[u8], from: (u32, u32), pixel: PixelType, to: (u32, u32)) -> std::borrow::Cow<'_, [u8]> {
+fn shrink(src: &[u8], from: (u32, u32), pixel: PixelType, to: (u32, u32)) -> Cow<'_, [u8]> {
     if from == to {
-        std::borrow::Cow::Borrowed(src)
+        Cow::Borrowed(src)
     } else {
-        std::borrow::Cow::Owned(resize::convolve(src, from, pixel, to, FilterType::Lanczos3))
+        Cow::Owned(resize::convolve(src, from, pixel, to, FilterType::Lanczos3))
     }
 }

@@ -17,6 +17,7 @@ use crate::clock;
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub account_id: i64,
+    pub key_id: i64,
     pub scopes: Vec<String>,
 }
 
@@ -88,6 +89,7 @@ impl FromRequestParts<AppState> for Caller {
         }
         Ok(Caller {
             account_id: rec.account_id,
+            key_id: rec.id,
             scopes: rec.scopes,
         })
     }
@@ -107,6 +109,18 @@ impl RateLimiter {
             burst: f64::from(burst),
             buckets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The bucket of `key` now: its size, whole tokens left, and seconds until it is full.
+    pub fn status(&self, key: i64) -> (u32, u32, u64) {
+        let now = Instant::now();
+        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let tokens = match buckets.get(&key) {
+            Some((tokens, last)) => (*tokens + now.duration_since(*last).as_secs_f64() * self.rate).min(self.burst),
+            None => self.burst,
+        };
+        let full_in = ((self.burst - tokens) / self.rate).ceil() as u64;
+        (self.burst as u32, tokens.floor() as u32, full_in)
     }
 
     /// Takes a token, or says how many whole seconds until one is available.
@@ -166,6 +180,8 @@ mod tests {
         assert!((0..3).all(|_| r.check(1).is_ok()));
         assert_eq!(r.check(1), Err(2));
         assert!(r.check(2).is_ok(), "keys have separate buckets");
+        assert_eq!(r.status(1), (3, 0, 6));
+        assert_eq!(r.status(3), (3, 3, 0));
     }
 
     #[test]

@@ -5,6 +5,7 @@ use axum::extract::{FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 
+use super::Foreground;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::process::SCOPE_PROCESS;
@@ -26,6 +27,12 @@ struct BatchBody {
     output_format: Option<String>,
     output_size: Option<String>,
     bg_color: Option<String>,
+    // Extensions, as in /process.
+    crop: Option<bool>,
+    crop_margin: Option<String>,
+    bg_image_url: Option<String>,
+    bg_gradient: Option<String>,
+    channels: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -69,6 +76,8 @@ pub struct Item {
     height: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     expires_at: Option<String>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    foreground: Option<Foreground>,
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -134,11 +143,15 @@ pub async fn submit(
         ));
     }
     let b = parse(&body)?;
-    let opts = request::options(
-        b.output_format.as_deref(),
-        b.output_size.as_deref(),
-        b.bg_color.as_deref(),
-    )?;
+    let fields = request::OptionFields {
+        bg_color: b.bg_color,
+        bg_gradient: b.bg_gradient,
+        bg_image_url: b.bg_image_url,
+        channels: b.channels,
+        crop: b.crop,
+        crop_margin: b.crop_margin,
+    };
+    let opts = request::options(b.output_format.as_deref(), b.output_size.as_deref(), &fields)?;
     let total = b.images.len();
     let items = b.images.into_iter().map(|i| (i.url.trim().to_owned(), i.id)).collect();
     let (job_id, created) = state.jobs.submit_batch(caller.account_id, items, opts).await?;
@@ -198,6 +211,7 @@ pub async fn poll(
                 width: i.width.filter(|_| done),
                 height: i.height.filter(|_| done),
                 expires_at: i.expires_at.filter(|_| done).map(rfc3339),
+                foreground: i.foreground.filter(|_| done).map(Foreground::from),
                 error: i.error_message,
                 error_code: i.error_code,
             }

@@ -22,6 +22,20 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// Whose error body to render.
+    pub shape: Shape,
+}
+
+/// The error bodies the daemon speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Shape {
+    /// `{"error": {"status", "code", "message", "request_id"}}` (api-spec.txt).
+    #[default]
+    Native,
+    /// remove.bg's `{"errors": [{"title", "code", "detail"}]}`.
+    RemoveBg,
+    /// rembg's (FastAPI's) `{"detail": "..."}`.
+    Rembg,
 }
 
 impl ApiError {
@@ -31,6 +45,7 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            shape: Shape::Native,
         }
     }
 
@@ -81,6 +96,7 @@ impl From<JobError> for ApiError {
             ),
             JobError::Fetch(FetchError::TooLarge { .. }) => ApiError::too_large(e.to_string()),
             JobError::Fetch(f) => ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, f.to_string()),
+            JobError::Engine(EngineError::Invalid { code, message }) => ApiError::bad_request(code, message),
             JobError::Engine(EngineError::Image(i @ ImageError::Encode(_))) => ApiError::internal(i),
             JobError::Engine(EngineError::Image(i)) => {
                 ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, code, i.to_string())
@@ -111,15 +127,50 @@ impl IntoResponse for ApiError {
 }
 
 fn render(err: &ApiError, id: &str) -> Response {
-    let body = json!({
-        "error": {
-            "status": err.status.as_u16(),
-            "code": err.code,
-            "message": err.message,
-            "request_id": id,
-        }
-    });
+    let body = match err.shape {
+        Shape::Native => json!({
+            "error": {
+                "status": err.status.as_u16(),
+                "code": err.code,
+                "message": err.message,
+                "request_id": id,
+            }
+        }),
+        Shape::RemoveBg => json!({
+            "errors": [{
+                "title": removebg_title(err),
+                "code": err.code,
+                "detail": err.message,
+                "request_id": id,
+            }]
+        }),
+        Shape::Rembg => json!({ "detail": err.message, "code": err.code, "request_id": id }),
+    };
     (err.status, axum::Json(body)).into_response()
+}
+
+/// remove.bg's titles: short, by kind.
+fn removebg_title(err: &ApiError) -> &'static str {
+    match (err.status.as_u16(), err.code) {
+        (_, "missing_source") => "No image given",
+        (_, "missing_api_key") => "Missing API Key",
+        (_, "file_too_large") => "File too large",
+        (_, "resolution_too_high") => "Input image resolution too high",
+        (_, "invalid_file_type") => "Invalid file type",
+        (_, "failed_to_read_image") => "Failed to read image",
+        (_, "failed_image_download") => "Failed to download image",
+        (_, "failed_bg_download") | (_, "invalid_bg_image") => "Failed to read background image",
+        (_, "unknown_foreground") => "Could not identify foreground in image",
+        (_, "multiple_sources") => "Multiple image sources given",
+        (_, "multiple_bg_sources") => "Multiple background sources given",
+        (400, _) => "Invalid parameters or input file unprocessable",
+        (402, _) => "Insufficient credits",
+        (403, _) => "Authentication failed",
+        (429, _) => "Rate limit exceeded",
+        (507, _) => "Insufficient storage",
+        (s, _) if s >= 500 => "Internal error",
+        _ => "Request failed",
+    }
 }
 
 /// Gives every request an id and a span, renders errors with it, sets `X-Request-Id`, and turns

@@ -5,8 +5,11 @@ mod auth;
 mod batch;
 mod error;
 mod health;
+mod openapi;
 mod process;
 mod quota;
+mod rembg;
+mod removebg_v1;
 mod results;
 
 use std::sync::Arc;
@@ -21,6 +24,7 @@ use axum::routing::{get, post};
 pub use auth::{PollLimiter, RateLimiter};
 pub use error::ApiError;
 pub use health::RequestMetrics;
+pub use rembg::RembgApi;
 
 use crate::jobs::Jobs;
 
@@ -52,6 +56,8 @@ pub struct AppState {
     pub mqtt: Arc<crate::metrics::LinkState>,
     /// Cancelled when shutdown begins: /readyz turns 503 so balancers stop sending work.
     pub draining: tokio_util::sync::CancellationToken,
+    /// rembg's server API, when the operator turned it on.
+    pub rembg: Option<RembgApi>,
 }
 
 impl AppState {
@@ -74,6 +80,34 @@ impl AppState {
 
     fn result_url(&self, headers: &HeaderMap, file: &str) -> String {
         format!("{}/v1/removebg/results/{file}", self.base_url(headers))
+    }
+}
+
+/// The subject's box in a result (an extension to the spec's responses).
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Foreground {
+    pub foreground_top: u32,
+    pub foreground_left: u32,
+    pub foreground_width: u32,
+    pub foreground_height: u32,
+}
+
+impl From<[u32; 4]> for Foreground {
+    fn from([left, top, width, height]: [u32; 4]) -> Foreground {
+        Foreground {
+            foreground_top: top,
+            foreground_left: left,
+            foreground_width: width,
+            foreground_height: height,
+        }
+    }
+}
+
+impl Foreground {
+    /// No subject found: an empty box at the origin.
+    pub fn of(b: Option<crate::engine::BoxPx>) -> Foreground {
+        b.map(|b| Foreground::from([b.left, b.top, b.width, b.height]))
+            .unwrap_or(Foreground::from([0; 4]))
     }
 }
 
@@ -138,11 +172,29 @@ pub fn router(state: AppState) -> Router {
         .route("/batch/{id}", get(batch::poll))
         .route("/quota", get(quota::quota))
         .route("/results/{file}", get(results::result));
-    Router::new()
-        .nest("/v1/removebg", api)
+    // remove.bg's API v1.0, for its existing clients.
+    let removebg = Router::new()
+        .route(
+            "/removebg",
+            post(removebg_v1::removebg).layer(DefaultBodyLimit::max(PROCESS_BODY_LIMIT)),
+        )
+        .route("/account", get(removebg_v1::account))
+        .route(
+            "/improve",
+            post(removebg_v1::improve).layer(DefaultBodyLimit::max(PROCESS_BODY_LIMIT)),
+        );
+    let mut router = Router::new().nest("/v1/removebg", api).nest("/v1.0", removebg);
+    if state.rembg.is_some() {
+        router = router.route(
+            "/api/remove",
+            get(rembg::get_remove).post(rembg::post_remove).layer(DefaultBodyLimit::max(PROCESS_BODY_LIMIT)),
+        );
+    }
+    router
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::openapi))
         .fallback(error::not_found)
         .layer(axum::middleware::from_fn_with_state(state.clone(), error::request_id))
         .with_state(state)

@@ -10,9 +10,9 @@ use serde::Serialize;
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::{AppState, MAX_BASE64_RESULT, PROCESS_BODY_LIMIT, content_type, is_json, read_body};
+use super::{AppState, Foreground, MAX_BASE64_RESULT, PROCESS_BODY_LIMIT, content_type, is_json, read_body};
 use crate::clock::rfc3339;
-use crate::jobs::request::{MAX_IMAGE_BYTES, ProcessRequest, parse_json};
+use crate::jobs::request::{self, MAX_IMAGE_BYTES, ProcessRequest, parse_json};
 
 pub const SCOPE_PROCESS: &str = "removebg:images:process";
 
@@ -25,6 +25,8 @@ struct ProcessResponse {
     height: u32,
     credits_used: u32,
     expires_at: String,
+    #[serde(flatten)]
+    foreground: Foreground,
 }
 
 async fn parse_multipart(req: Request, state: &AppState) -> Result<(ProcessRequest, Option<Vec<u8>>), ApiError> {
@@ -57,17 +59,16 @@ async fn parse_multipart(req: Request, state: &AppState) -> Result<(ProcessReque
             "output_format" => &mut body.output_format,
             "output_size" => &mut body.output_size,
             "bg_color" => &mut body.bg_color,
+            "bg_gradient" => &mut body.bg_gradient,
+            "bg_image_url" => &mut body.bg_image_url,
+            "channels" => &mut body.channels,
+            "crop_margin" => &mut body.crop_margin,
             "return_base64" => {
-                body.return_base64 = Some(match text.trim() {
-                    "true" | "1" | "yes" | "on" => true,
-                    "false" | "0" | "no" | "off" | "" => false,
-                    other => {
-                        return Err(ApiError::bad_request(
-                            "invalid_request",
-                            format!("return_base64 {other:?} is not a boolean"),
-                        ));
-                    }
-                });
+                body.return_base64 = Some(request::boolean("return_base64", &text)?);
+                continue;
+            }
+            "crop" => {
+                body.crop = Some(request::boolean("crop", &text)?);
                 continue;
             }
             other => {
@@ -125,6 +126,7 @@ pub async fn process(State(state): State<AppState>, req: Request) -> Result<Resp
         height: done.height,
         credits_used: 1,
         expires_at: rfc3339(done.expires_at),
+        foreground: Foreground::of(done.foreground),
     };
     let mut res = (StatusCode::OK, axum::Json(response)).into_response();
     res.headers_mut().insert("x-credits-charged", HeaderValue::from(1));

@@ -32,6 +32,8 @@ pub enum JobEvent {
         width: u32,
         height: u32,
         expires_at: i64,
+        /// The subject's box: left, top, width, height.
+        foreground: Option<[u32; 4]>,
     },
     Failed {
         job: Arc<JobMeta>,

@@ -12,11 +12,18 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::clock;
-use crate::engine::{BgColor, CutOptions, Engine, EngineError, OutputFormat, OutputSize, Pool};
+use serde::{Deserialize, Serialize};
+
+use crate::engine::{
+    Background, BgColor, BoxPx, Channels, CutOptions, Engine, EngineError, Gradient, Layout, OutputFormat, OutputSize,
+    Pool, Roi,
+};
 use crate::fetch::{FetchError, ImageFetcher};
 use crate::store::{self, ClaimedJob, Enqueued, Finished, NewBatchItem, NewJob, QueuedJob, Reply, Store, StoreError};
 
 mod events;
+pub mod rembg;
+pub mod removebg;
 pub mod request;
 
 pub use events::{JobEvent, JobMeta, Stats};
@@ -64,6 +71,7 @@ impl JobError {
             JobError::Fetch(FetchError::TooLarge { .. }) => "payload_too_large",
             JobError::Fetch(e) => e.code(),
             JobError::Engine(EngineError::Image(e)) => e.code(),
+            JobError::Engine(EngineError::Invalid { code, .. }) => code,
             JobError::Engine(_) | JobError::Internal(_) => "internal_error",
             JobError::NotFound(_) => "not_found",
             JobError::Storage(_) => "insufficient_storage",
@@ -87,37 +95,84 @@ impl std::fmt::Debug for Source {
     }
 }
 
-/// Output options, as validated by the front end.
-#[derive(Debug, Clone, Copy, Default)]
+/// What the cutout is laid over, as the front end gave it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Bg {
+    Color(BgColor),
+    Gradient(Gradient),
+    /// A photo fetched (under the fetch policy) when the job runs.
+    ImageUrl(String),
+    /// An uploaded photo (remove.bg's `bg_image_file`): only for a request answered at once,
+    /// never queued.
+    #[serde(skip)]
+    ImageBytes(Arc<Vec<u8>>),
+}
+
+/// Output options, as validated by the front end. Queued jobs keep them as JSON.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Options {
     pub format: OutputFormat,
     pub size: OutputSize,
-    pub bg_color: Option<BgColor>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub background: Option<Bg>,
+    #[serde(default)]
+    pub channels: Channels,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roi: Option<Roi>,
+    #[serde(default)]
+    pub layout: Layout,
 }
 
 impl Options {
-    fn cut(&self) -> CutOptions {
+    /// The engine's options, with a background photo already in hand.
+    fn cut(&self, bg_image: Option<Arc<Vec<u8>>>) -> CutOptions {
         CutOptions {
             format: self.format,
             size: self.size,
-            bg_color: self.bg_color,
-            mask_only: false,
-        }
-    }
-
-    fn size_name(&self) -> &'static str {
-        match self.size {
-            OutputSize::Preview => "preview",
-            OutputSize::Full => "full",
+            background: match (&self.background, bg_image) {
+                (Some(Bg::Color(c)), _) => Some(Background::Color(*c)),
+                (Some(Bg::Gradient(g)), _) => Some(Background::Gradient(g.clone())),
+                (Some(Bg::ImageBytes(b)), _) => Some(Background::Image(Arc::clone(b))),
+                (Some(Bg::ImageUrl(_)), Some(b)) => Some(Background::Image(b)),
+                (Some(Bg::ImageUrl(_)), None) | (None, _) => None,
+            },
+            channels: self.channels,
+            roi: self.roi,
+            layout: self.layout,
         }
     }
 
     fn bg_text(&self) -> Option<String> {
-        self.bg_color
-            .map(|BgColor([r, g, b, a])| format!("#{r:02x}{g:02x}{b:02x}{a:02x}"))
+        match &self.background {
+            Some(Bg::Color(c)) => Some(c.to_string()),
+            _ => None,
+        }
     }
 
-    fn from_stored(format: &str, size: &str, bg: Option<&str>) -> Options {
+    /// The options column: only when the classic columns (format, size, colour) do not say it all.
+    fn stored(&self) -> Option<String> {
+        let classic = matches!(self.background, None | Some(Bg::Color(_)))
+            && self.channels == Channels::Rgba
+            && self.roi.is_none()
+            && self.layout.is_identity()
+            && matches!(self.format, OutputFormat::Png | OutputFormat::Webp);
+        if classic {
+            return None;
+        }
+        // An uploaded background belongs to a request answered at once, which is never run
+        // again from its record: the record keeps the other options, not the bytes.
+        let mut record = self.clone();
+        if matches!(record.background, Some(Bg::ImageBytes(_))) {
+            record.background = None;
+        }
+        serde_json::to_string(&record).ok()
+    }
+
+    fn from_stored(format: &str, size: &str, bg: Option<&str>, options: Option<&str>) -> Options {
+        if let Some(opts) = options.and_then(|o| serde_json::from_str(o).ok()) {
+            return opts;
+        }
         Options {
             format: if format == "webp" {
                 OutputFormat::Webp
@@ -129,7 +184,8 @@ impl Options {
             } else {
                 OutputSize::Full
             },
-            bg_color: bg.and_then(|b| b.parse().ok()),
+            background: bg.and_then(|b| b.parse().ok()).map(Bg::Color),
+            ..Options::default()
         }
     }
 }
@@ -143,6 +199,10 @@ pub struct Done {
     pub height: u32,
     pub expires_at: i64,
     pub content_type: &'static str,
+    /// The format written (`auto` resolved).
+    pub format: OutputFormat,
+    /// The subject's box in the result.
+    pub foreground: Option<BoxPx>,
     /// The encoded image (for `return_base64`).
     pub bytes: Arc<Vec<u8>>,
 }
@@ -267,8 +327,9 @@ impl Jobs {
                 Source::Bytes(_) => None,
             },
             output_format: opts.format.extension().into(),
-            output_size: opts.size_name().into(),
+            output_size: opts.size.name().into(),
             bg_color: opts.bg_text(),
+            options: opts.stored(),
         };
         self.db(move |s| s.start_job(&job)).await?;
         let meta = Arc::new(JobMeta {
@@ -318,8 +379,9 @@ impl Jobs {
                 client_ref,
                 image_url,
                 output_format: opts.format.extension().into(),
-                output_size: opts.size_name().into(),
+                output_size: opts.size.name().into(),
                 bg_color: opts.bg_text(),
+                options: opts.stored(),
             },
             dedupe_key,
             reply,
@@ -351,8 +413,9 @@ impl Jobs {
             client_ref: None,
             image_url: None,
             output_format: opts.format.extension().into(),
-            output_size: opts.size_name().into(),
+            output_size: opts.size.name().into(),
             bg_color: opts.bg_text(),
+            options: opts.stored(),
         };
         let items: Vec<NewBatchItem> = items
             .into_iter()
@@ -380,6 +443,7 @@ impl Jobs {
                     content_type: done.content_type.into(),
                     bytes: done.bytes.len() as u64,
                     expires_at: done.expires_at,
+                    foreground: done.foreground.map(|b| [b.left, b.top, b.width, b.height]),
                 };
                 let job = meta.id.clone();
                 match self.db(move |s| s.complete_job(&job, &finished)).await {
@@ -403,6 +467,7 @@ impl Jobs {
                     width: done.width,
                     height: done.height,
                     expires_at: done.expires_at,
+                    foreground: done.foreground.map(|b| [b.left, b.top, b.width, b.height]),
                 });
             }
             Err(e) => {
@@ -449,27 +514,39 @@ impl Jobs {
             Source::Bytes(b) => b,
             Source::Url(url) => self.0.fetcher.get(&url).await?,
         };
+        let bg_image = match &opts.background {
+            Some(Bg::ImageUrl(url)) => Some(Arc::new(self.0.fetcher.get(url).await.map_err(|e| {
+                JobError::Invalid {
+                    code: "failed_bg_download",
+                    message: format!("the background image could not be fetched: {e}"),
+                }
+            })?)),
+            _ => None,
+        };
         let this = self.clone();
-        let file = format!("{id}.{}", opts.format.extension());
-        let path = self.results_dir().join(&file);
+        let id = id.to_owned();
         let ttl = self.0.settings.result_ttl;
         self.0
             .pool
             .submit(move || -> Result<(Done, SpaceClaim), JobError> {
-                let cut = this.0.engine.cut(&input, &opts.cut())?;
+                let cut = this.0.engine.cut(&input, &opts.cut(bg_image))?;
                 drop(input);
+                let file = format!("{id}.{}", cut.format.extension());
+                let path = this.results_dir().join(&file);
                 this.0.stats.inference.observe(cut.timings.inference);
                 let claim = this.claim_space(cut.bytes.len() as u64)?;
                 write_atomically(&path, &cut.bytes)
                     .map_err(|e| JobError::Internal(format!("writing {}: {e}", path.display())))?;
                 tracing::debug!(total_ms = cut.timings.total().as_millis() as u64, "cutout written");
                 let done = Done {
-                    id: path.file_stem().unwrap_or_default().to_string_lossy().into_owned(),
+                    id,
                     file,
                     width: cut.width,
                     height: cut.height,
                     expires_at: clock::now() + ttl.as_secs() as i64,
-                    content_type: opts.format.content_type(),
+                    content_type: cut.format.content_type(),
+                    format: cut.format,
+                    foreground: cut.foreground,
                     bytes: Arc::new(cut.bytes),
                 };
                 Ok((done, claim))
@@ -522,7 +599,12 @@ impl Jobs {
     }
 
     async fn run_claimed(&self, job: ClaimedJob) {
-        let opts = Options::from_stored(&job.output_format, &job.output_size, job.bg_color.as_deref());
+        let opts = Options::from_stored(
+            &job.output_format,
+            &job.output_size,
+            job.bg_color.as_deref(),
+            job.options.as_deref(),
+        );
         let inbox = job.input_file.as_ref().map(|f| self.0.settings.inbox_dir.join(f));
         let source = match (&inbox, job.image_url) {
             (Some(path), _) => match tokio::fs::read(path).await {

@@ -7,8 +7,8 @@ use base64::engine::DecodePaddingMode;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use serde::Deserialize;
 
-use super::{JobError, Options, Source};
-use crate::engine::{BgColor, ColorError, OutputFormat, OutputSize};
+use super::{Bg, JobError, Options, Source};
+use crate::engine::{BgColor, Channels, ColorError, Gradient, Layout, Margin, OutputFormat, OutputSize};
 
 /// Largest image accepted as base64, upload or download (decoded bytes).
 pub const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
@@ -23,6 +23,14 @@ pub struct ProcessRequest {
     pub output_size: Option<String>,
     pub bg_color: Option<String>,
     pub return_base64: Option<bool>,
+    /// Extensions (README, "Extensions to the spec"): crop to the subject, with a margin.
+    pub crop: Option<bool>,
+    pub crop_margin: Option<String>,
+    /// Extensions: a background photo, or a CSS-style linear gradient.
+    pub bg_image_url: Option<String>,
+    pub bg_gradient: Option<String>,
+    /// Extension: `rgba` (the cutout) or `alpha` (the mask alone).
+    pub channels: Option<String>,
     /// The submitter's own id for the job (MQTT only).
     #[serde(rename = "ref")]
     pub client_ref: Option<String>,
@@ -36,9 +44,10 @@ pub fn output_format(v: Option<&str>) -> Result<OutputFormat, JobError> {
     match v.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
         None | Some("") | Some("png") => Ok(OutputFormat::Png),
         Some("webp") => Ok(OutputFormat::Webp),
+        Some("jpg") | Some("jpeg") => Ok(OutputFormat::Jpg),
         Some(other) => Err(invalid(
             "invalid_output_format",
-            format!("output_format {other:?} is not supported; use \"png\" or \"webp\""),
+            format!("output_format {other:?} is not supported; use \"png\", \"webp\" or \"jpg\""),
         )),
     }
 }
@@ -64,12 +73,89 @@ pub fn bg_color(v: Option<&str>) -> Result<Option<BgColor>, JobError> {
     }
 }
 
-pub fn options(format: Option<&str>, size: Option<&str>, bg: Option<&str>) -> Result<Options, JobError> {
-    Ok(Options {
+/// The output options every dialect shares, as text (absent or blank: the default).
+#[derive(Debug, Default, Clone)]
+pub struct OptionFields {
+    pub bg_color: Option<String>,
+    pub bg_gradient: Option<String>,
+    pub bg_image_url: Option<String>,
+    pub channels: Option<String>,
+    pub crop: Option<bool>,
+    pub crop_margin: Option<String>,
+}
+
+fn text(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+impl OptionFields {
+    /// The background (at most one), channels and crop.
+    pub fn apply(&self, opts: &mut Options) -> Result<(), JobError> {
+        let given = [&self.bg_color, &self.bg_gradient, &self.bg_image_url]
+            .iter()
+            .filter(|v| text(v).is_some())
+            .count();
+        if given > 1 {
+            return Err(invalid(
+                "multiple_bg_sources",
+                "give at most one of bg_color, bg_gradient and bg_image_url".into(),
+            ));
+        }
+        if let Some(c) = bg_color(text(&self.bg_color))? {
+            opts.background = Some(Bg::Color(c));
+        }
+        if let Some(g) = text(&self.bg_gradient) {
+            let g: Gradient = g.parse().map_err(|e: crate::engine::GradientError| invalid("invalid_bg_gradient", e.to_string()))?;
+            opts.background = Some(Bg::Gradient(g));
+        }
+        if let Some(u) = text(&self.bg_image_url) {
+            if !(u.starts_with("http://") || u.starts_with("https://")) || u.len() > 4096 {
+                return Err(invalid(
+                    "invalid_bg_image_url",
+                    "bg_image_url must be an http or https URL of at most 4096 characters".into(),
+                ));
+            }
+            opts.background = Some(Bg::ImageUrl(u.to_owned()));
+        }
+        opts.channels = match text(&self.channels).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("rgba") => Channels::Rgba,
+            Some("alpha") => Channels::Alpha,
+            Some(other) => {
+                return Err(invalid(
+                    "invalid_channels",
+                    format!("channels {other:?} is not supported; use \"rgba\" or \"alpha\""),
+                ));
+            }
+        };
+        if self.crop == Some(true) {
+            let margin = match text(&self.crop_margin) {
+                None => Margin::default(),
+                Some(m) => m.parse().map_err(|e| invalid("invalid_crop_margin", e))?,
+            };
+            opts.layout.crop = Some(margin);
+        }
+        Ok(())
+    }
+}
+
+pub fn options(format: Option<&str>, size: Option<&str>, fields: &OptionFields) -> Result<Options, JobError> {
+    let mut opts = Options {
         format: output_format(format)?,
         size: output_size(size)?,
-        bg_color: bg_color(bg)?,
-    })
+        layout: Layout::default(),
+        ..Options::default()
+    };
+    fields.apply(&mut opts)?;
+    Ok(opts)
+}
+
+/// A boolean as forms spell it.
+pub fn boolean(name: &str, v: &str) -> Result<bool, JobError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" | "on" => Ok(true),
+        "false" | "0" | "no" | "off" | "" => Ok(false),
+        other => Err(invalid("invalid_request", format!("{name} {other:?} is not a boolean"))),
+    }
 }
 
 /// Decodes `image_base64` (a bare string or a `data:` URI; line breaks and padding tolerated).
@@ -132,11 +218,15 @@ fn nonempty(v: Option<String>) -> Option<String> {
 impl ProcessRequest {
     /// Validates options and picks the one image source (`upload` is a multipart file).
     pub fn into_job(self, upload: Option<Vec<u8>>) -> Result<(Source, Options), JobError> {
-        let opts = options(
-            self.output_format.as_deref(),
-            self.output_size.as_deref(),
-            self.bg_color.as_deref(),
-        )?;
+        let fields = OptionFields {
+            bg_color: self.bg_color,
+            bg_gradient: self.bg_gradient,
+            bg_image_url: self.bg_image_url,
+            channels: self.channels,
+            crop: self.crop,
+            crop_margin: self.crop_margin,
+        };
+        let opts = options(self.output_format.as_deref(), self.output_size.as_deref(), &fields)?;
         let source = match (nonempty(self.image_url), nonempty(self.image_base64), upload) {
             (Some(u), None, None) => Source::Url(u),
             (None, Some(b), None) => Source::Bytes(decode_base64(&b)?),
@@ -200,7 +290,8 @@ mod tests {
     #[test]
     fn options_and_sources_are_validated() {
         assert_eq!(output_format(Some("WEBP")).unwrap(), OutputFormat::Webp);
-        assert_eq!(code(output_format(Some("jpg")).unwrap_err()), "invalid_output_format");
+        assert_eq!(output_format(Some("jpg")).unwrap(), OutputFormat::Jpg);
+        assert_eq!(code(output_format(Some("gif")).unwrap_err()), "invalid_output_format");
         assert_eq!(output_size(None).unwrap(), OutputSize::Full);
         assert_eq!(code(output_size(Some("medium")).unwrap_err()), "invalid_output_size");
         assert_eq!(bg_color(Some("ffffff")).unwrap(), Some(BgColor([255, 255, 255, 255])));

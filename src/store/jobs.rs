@@ -47,6 +47,8 @@ pub struct NewJob {
     pub output_format: String,
     pub output_size: String,
     pub bg_color: Option<String>,
+    /// The full options as JSON, when the three columns above do not say it all.
+    pub options: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -88,6 +90,7 @@ pub struct ClaimedJob {
     pub output_format: String,
     pub output_size: String,
     pub bg_color: Option<String>,
+    pub options: Option<String>,
     pub reply: Reply,
 }
 
@@ -100,6 +103,8 @@ pub struct Finished {
     pub content_type: String,
     pub bytes: u64,
     pub expires_at: i64,
+    /// The subject's box: left, top, width, height.
+    pub foreground: Option<[u32; 4]>,
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +118,8 @@ pub struct BatchItem {
     pub expires_at: Option<i64>,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
+    /// The subject's box: left, top, width, height.
+    pub foreground: Option<[u32; 4]>,
 }
 
 #[derive(Debug, Clone)]
@@ -171,8 +178,8 @@ fn insert_job(
 ) -> rusqlite::Result<usize> {
     tx.execute(
         "INSERT INTO jobs (id, account_id, batch_id, position, client_ref, source, image_url, output_format,
-                           output_size, bg_color, status, reserved, created_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, ?12)",
+                           output_size, bg_color, status, reserved, created_at, options)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 1, ?12, ?13)",
         params![
             j.id,
             j.account_id,
@@ -185,9 +192,15 @@ fn insert_job(
             j.output_size,
             j.bg_color,
             status.as_str(),
-            now
+            now,
+            j.options
         ],
     )
+}
+
+fn parse_box(s: &str) -> Option<[u32; 4]> {
+    let v: Vec<u32> = s.split(',').map(|n| n.parse().ok()).collect::<Option<_>>()?;
+    v.try_into().ok()
 }
 
 fn held_credit(tx: &Transaction, job: &str) -> Result<(i64, bool)> {
@@ -239,7 +252,7 @@ impl Store {
             let job = tx
                 .query_row(
                     "SELECT id, account_id, batch_id, source, client_ref, image_url, input_file, output_format,
-                            output_size, bg_color, reply_topic, correlation FROM jobs
+                            output_size, bg_color, reply_topic, correlation, options FROM jobs
                      WHERE status = 'queued' ORDER BY created_at, batch_id, position LIMIT 1",
                     [],
                     |r| {
@@ -254,6 +267,7 @@ impl Store {
                             output_format: r.get(7)?,
                             output_size: r.get(8)?,
                             bg_color: r.get(9)?,
+                            options: r.get(12)?,
                             reply: Reply {
                                 topic: r.get(10)?,
                                 correlation: r.get(11)?,
@@ -305,8 +319,16 @@ impl Store {
             ledger(tx, account, "charge", 1, if reserved { -1 } else { 0 }, Some(job), None)?;
             tx.execute(
                 "UPDATE jobs SET status = 'completed', reserved = 0, width = ?2, height = ?3, result_file = ?4,
-                                 expires_at = ?5, finished_at = ?6 WHERE id = ?1",
-                params![job, done.width, done.height, done.file, done.expires_at, now],
+                                 expires_at = ?5, finished_at = ?6, foreground = ?7 WHERE id = ?1",
+                params![
+                    job,
+                    done.width,
+                    done.height,
+                    done.file,
+                    done.expires_at,
+                    now,
+                    done.foreground.map(|[l, t, w, h]| format!("{l},{t},{w},{h}"))
+                ],
             )?;
             tx.execute(
                 "INSERT INTO results (file, job_id, content_type, bytes, expires_at) VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -372,7 +394,8 @@ impl Store {
             return Ok(None);
         };
         let mut stmt = conn.prepare(
-            "SELECT id, client_ref, status, width, height, result_file, expires_at, error_code, error_message
+            "SELECT id, client_ref, status, width, height, result_file, expires_at, error_code, error_message,
+                    foreground
              FROM jobs WHERE batch_id = ?1 ORDER BY position",
         )?;
         let items: Vec<BatchItem> = stmt
@@ -387,6 +410,7 @@ impl Store {
                     expires_at: r.get(6)?,
                     error_code: r.get(7)?,
                     error_message: r.get(8)?,
+                    foreground: r.get::<_, Option<String>>(9)?.as_deref().and_then(parse_box),
                 })
             })?
             .collect::<rusqlite::Result<_>>()?;
@@ -481,6 +505,7 @@ mod tests {
             output_format: "png".into(),
             output_size: "full".into(),
             bg_color: None,
+            options: None,
         }
     }
 
@@ -492,6 +517,7 @@ mod tests {
             content_type: "image/png".into(),
             bytes: 10,
             expires_at: clock::now() + 60,
+            foreground: Some([1, 0, 2, 3]),
         }
     }
 

@@ -90,6 +90,21 @@ pub fn alpha_of(encoded: &[u8]) -> (u32, u32, Vec<u8>) {
     (w, h, img.pixels().map(|p| p[3]).collect())
 }
 
+/// The bounding box of alpha >= 16 (the documented foreground threshold): left, top, width,
+/// height.
+pub fn subject_box(alpha: &[u8], w: u32) -> [u32; 4] {
+    let w = w as usize;
+    let (mut x0, mut y0, mut x1, mut y1) = (usize::MAX, usize::MAX, 0, 0);
+    for (i, &a) in alpha.iter().enumerate() {
+        if a >= 16 {
+            let (x, y) = (i % w, i / w);
+            (x0, y0, x1, y1) = (x0.min(x), y0.min(y), x1.max(x), y1.max(y));
+        }
+    }
+    assert!(x0 != usize::MAX, "no subject");
+    [x0 as u32, y0 as u32, (x1 - x0 + 1) as u32, (y1 - y0 + 1) as u32]
+}
+
 /// A JPEG of random pixels: its cutout compresses badly, so the PNG is large.
 pub fn noise_jpeg(w: u32, h: u32) -> Vec<u8> {
     let mut state = 0x2545_f491_4f6c_dd1du64;

@@ -242,8 +242,20 @@ pub async fn image_server() -> SocketAddr {
             Err(_) => StatusCode::NOT_FOUND.into_response(),
         }
     }
+    // `/solid/RRGGBB.png`: a 64x48 PNG of one colour (a background photo with known pixels).
+    async fn solid(axum::extract::Path(name): axum::extract::Path<String>) -> axum::response::Response {
+        let hex = name.trim_end_matches(".png");
+        let Ok(v) = u32::from_str_radix(hex, 16) else {
+            return StatusCode::NOT_FOUND.into_response();
+        };
+        let img = image::RgbImage::from_pixel(64, 48, image::Rgb([(v >> 16) as u8, (v >> 8) as u8, v as u8]));
+        let mut out = std::io::Cursor::new(Vec::new());
+        img.write_to(&mut out, image::ImageFormat::Png).unwrap();
+        ([(header::CONTENT_TYPE, "image/png")], out.into_inner()).into_response()
+    }
     let app = Router::new()
         .route("/img/{name}", get(image))
+        .route("/solid/{name}", get(solid))
         .route(
             "/page.html",
             get(|| async { ([(header::CONTENT_TYPE, "text/html")], "<html>not an image</html>") }),

@@ -1,0 +1,124 @@
+//! rembg's HTTP server API (`GET`/`POST /api/remove`), opt-in (README, "rembg's server API"):
+//! rembg's callers send no key, so the operator names the account it charges, and may require a
+//! key anyway. Replies are `image/png`; errors are FastAPI's `{"detail": "..."}`.
+
+use axum::body::Body;
+use axum::extract::{FromRequest, FromRequestParts, Multipart, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+
+use super::auth::Caller;
+use super::error::{ApiError, Shape};
+use super::process::SCOPE_PROCESS;
+use super::{AppState, PROCESS_BODY_LIMIT, content_type, read_body};
+use crate::jobs::Source;
+use crate::jobs::rembg;
+use crate::jobs::request::MAX_IMAGE_BYTES;
+
+/// The rembg API's settings, when it is on.
+#[derive(Debug, Clone)]
+pub struct RembgApi {
+    /// Charged for requests without a key.
+    pub account_id: i64,
+    /// Every request must carry a key (of any account, with the process scope), and that key's
+    /// account is charged.
+    pub require_key: bool,
+}
+
+/// The rate-limit bucket of anonymous rembg callers (key ids are positive).
+const ANONYMOUS: i64 = -1;
+
+fn to_rembg(mut e: ApiError) -> ApiError {
+    e.shape = Shape::Rembg;
+    e
+}
+
+fn query_pairs(req: &Request) -> Vec<(String, String)> {
+    req.uri()
+        .query()
+        .map(|q| form_urlencoded::parse(q.as_bytes()).into_owned().collect())
+        .unwrap_or_default()
+}
+
+/// The account to charge: the key's when one is required, else the configured one.
+async fn account(parts: &mut axum::http::request::Parts, state: &AppState) -> Result<i64, ApiError> {
+    let api = state.rembg.as_ref().expect("routes exist only when the API is on");
+    if api.require_key {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        caller.require(SCOPE_PROCESS)?;
+        return Ok(caller.account_id);
+    }
+    if let Err(wait) = state.rate.check(ANONYMOUS) {
+        return Err(ApiError::too_many(format!("rate limit exceeded; retry after {wait} s"), wait));
+    }
+    Ok(api.account_id)
+}
+
+async fn cut(state: &AppState, account: i64, source: Source, fields: &[(String, String)]) -> Result<Response, ApiError> {
+    let opts = rembg::options(fields, &state.model)?;
+    let done = state.jobs.process(account, source, opts, None).await?;
+    let mut res = Body::from(done.bytes.to_vec()).into_response();
+    res.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("image/png"));
+    Ok(res)
+}
+
+/// `GET /api/remove?url=...`
+pub async fn get_remove(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    async {
+        let fields = query_pairs(&req);
+        let (mut parts, _) = req.into_parts();
+        let account = account(&mut parts, &state).await?;
+        let url = fields
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "url")
+            .map(|(_, v)| v.trim().to_owned())
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| ApiError::bad_request("missing_url", "give the image as ?url=http://..."))?;
+        cut(&state, account, Source::Url(url), &fields).await
+    }
+    .await
+    .map_err(to_rembg)
+}
+
+/// `POST /api/remove` with a multipart `file` (parameters as form fields or in the query).
+pub async fn post_remove(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
+    async {
+        let _slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
+        let mut fields = query_pairs(&req);
+        let (mut parts, body) = read_body(req, PROCESS_BODY_LIMIT).await?;
+        let account = account(&mut parts, &state).await?;
+        if content_type(&parts.headers) != "multipart/form-data" {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                "send the image as a multipart/form-data part named `file`",
+            ));
+        }
+        let req = Request::from_parts(parts, Body::from(body));
+        let mut form = Multipart::from_request(req, &state)
+            .await
+            .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
+        let field_error =
+            |e: axum::extract::multipart::MultipartError| ApiError::bad_request("invalid_multipart", e.body_text());
+        let mut file = None;
+        while let Some(field) = form.next_field().await.map_err(field_error)? {
+            let name = field.name().unwrap_or_default().to_owned();
+            if name == "file" {
+                let bytes = field.bytes().await.map_err(field_error)?;
+                if bytes.len() > MAX_IMAGE_BYTES {
+                    return Err(ApiError::too_large(format!(
+                        "the file is larger than the {} MB limit",
+                        MAX_IMAGE_BYTES >> 20
+                    )));
+                }
+                file = Some(bytes.to_vec());
+            } else {
+                fields.push((name, field.text().await.map_err(field_error)?));
+            }
+        }
+        let file = file.ok_or_else(|| ApiError::bad_request("missing_file", "give the image as a part named `file`"))?;
+        cut(&state, account, Source::Bytes(file), &fields).await
+    }
+    .await
+    .map_err(to_rembg)
+}
