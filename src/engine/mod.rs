@@ -252,15 +252,21 @@ impl Engine {
         })
     }
 
-    /// Memory beyond the per-pixel estimate: a background photo decoded and fitted, and the new
-    /// canvas of a crop or a move (at most 1000 px wider and higher than the image).
+    /// Memory beyond the per-pixel estimate: the new canvas of a crop or a move (its mask and
+    /// colours, at most 1000 px wider and higher than the output, plus the subject's region
+    /// copied out), and a background photo decoded and fitted to the canvas.
     fn extra_bytes(&self, header: &image_io::Header, opts: &CutOptions) -> Result<u64, EngineError> {
+        let (ow, oh) = match opts.size.max_pixels() {
+            None => (header.width, header.height),
+            Some(max) => resize::fit_within(header.width, header.height, max),
+        };
+        let output = ow as u64 * oh as u64;
         let mut extra = 0u64;
         let canvas = if opts.layout.is_identity() {
-            header.pixels()
+            output
         } else {
-            let canvas = (header.width as u64 + 1000) * (header.height as u64 + 1000);
-            extra += canvas * 4;
+            let canvas = (ow as u64 + 1000) * (oh as u64 + 1000);
+            extra += (canvas + output) * 4;
             canvas
         };
         if let Some(Background::Image(bytes)) = &opts.background {
@@ -493,17 +499,25 @@ impl Layers<'_> {
         out
     }
 
-    /// A JPEG of the composite, laid over white where anything is still transparent.
+    /// A JPEG of the composite, laid over white where anything is still transparent. Rows are
+    /// composed and flattened together on the inference threads, so only the RGB frame is built.
     fn flat_jpeg(&self, rgb: &[u8], bg: &Backdrop) -> Result<Vec<u8>, ImageError> {
+        use rayon::prelude::*;
         let (w, h) = self.size;
-        let rgba = self.composed(rgb, bg);
-        let mut flat = Vec::with_capacity(self.mask.len() * 3);
-        for p in rgba.chunks_exact(4) {
-            let a = p[3] as u32;
-            let mix = |c: u8| ((c as u32 * a + 255 * (255 - a) + 127) / 255) as u8;
-            flat.extend_from_slice(&[mix(p[0]), mix(p[1]), mix(p[2])]);
-        }
-        drop(rgba);
+        let width = w as usize;
+        let mut flat = vec![0; self.mask.len() * 3];
+        on_pool(|| {
+            flat.par_chunks_mut(width * 3).enumerate().for_each(|(y, out)| {
+                let (mut scratch, mut rgba) = (Vec::new(), vec![0; width * 4]);
+                let under = bg.row(y, self.size, &mut scratch);
+                color::compose_row(&rgb[y * width * 3..][..width * 3], &self.mask[y * width..][..width], under, &mut rgba);
+                for (o, p) in out.chunks_exact_mut(3).zip(rgba.chunks_exact(4)) {
+                    let a = p[3] as u32;
+                    let mix = |c: u8| ((c as u32 * a + 255 * (255 - a) + 127) / 255) as u8;
+                    o.copy_from_slice(&[mix(p[0]), mix(p[1]), mix(p[2])]);
+                }
+            })
+        });
         image_io::encode_jpeg(&flat, w, h, ExtendedColorType::Rgb8, JPEG_QUALITY)
     }
 }
@@ -519,8 +533,9 @@ fn cutout_bytes_per_pixel(decoded: image::ColorType, format: OutputFormat) -> u6
     let decode = (decoded.bytes_per_pixel() as u64 + 4).max(8);
     let output = match format {
         OutputFormat::Png => 5,
-        // The RGBA composite, its flattened RGB copy and the file.
-        OutputFormat::Jpg | OutputFormat::Auto => 9,
+        // The flattened RGB frame and the file (up to 3 bytes a pixel for noise at quality 90),
+        // with room for the encoder's own rows.
+        OutputFormat::Jpg | OutputFormat::Auto => 7,
         // The same, plus the mask's PNG.
         OutputFormat::Zip => 11,
         OutputFormat::Webp => 12,
