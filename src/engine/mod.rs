@@ -86,6 +86,14 @@ impl OutputSize {
         }
     }
 
+    /// The size of a `w` x `h` input's output: within this size's pixels, aspect kept.
+    pub fn fit(self, w: u32, h: u32) -> (u32, u32) {
+        match self.max_pixels() {
+            None => (w, h),
+            Some(max) => resize::fit_within(w, h, max),
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             OutputSize::Preview => "preview",
@@ -256,10 +264,7 @@ impl Engine {
     /// colours, at most 1000 px wider and higher than the output, plus the subject's region
     /// copied out), and a background photo decoded and fitted to the canvas.
     fn extra_bytes(&self, header: &image_io::Header, opts: &CutOptions) -> Result<u64, EngineError> {
-        let (ow, oh) = match opts.size.max_pixels() {
-            None => (header.width, header.height),
-            Some(max) => resize::fit_within(header.width, header.height, max),
-        };
+        let (ow, oh) = opts.size.fit(header.width, header.height);
         let output = ow as u64 * oh as u64;
         let mut extra = 0u64;
         let canvas = if opts.layout.is_identity() {
@@ -311,10 +316,7 @@ impl Engine {
     /// encode.
     fn layers<'p>(&self, picture: &'p Picture, opts: &CutOptions, t: &mut Timings) -> Result<Layers<'p>, EngineError> {
         let (w, h) = (picture.width(), picture.height());
-        let size = match opts.size.max_pixels() {
-            None => (w, h),
-            Some(max) => resize::fit_within(w, h, max),
-        };
+        let size = opts.size.fit(w, h);
         let mut mask = self.mask(picture, size, t)?;
         let start = Instant::now();
         if let Some(alpha) = &picture.alpha {

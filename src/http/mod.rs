@@ -27,6 +27,7 @@ pub use health::RequestMetrics;
 pub use rembg::RembgApi;
 
 use crate::jobs::Jobs;
+use crate::jobs::request::MAX_IMAGE_BYTES;
 
 /// Largest request body for /process: a 10 MiB image as base64 (4/3) plus JSON or multipart framing.
 pub const PROCESS_BODY_LIMIT: usize = 15 * 1024 * 1024;
@@ -81,6 +82,47 @@ impl AppState {
     fn result_url(&self, headers: &HeaderMap, file: &str) -> String {
         format!("{}/v1/removebg/results/{file}", self.base_url(headers))
     }
+}
+
+/// One part of a multipart body.
+enum Part {
+    Text(String),
+    File(Vec<u8>),
+}
+
+/// Every part of a multipart/form-data request, in order: the parts named in `files` as bytes
+/// (each at most [`MAX_IMAGE_BYTES`], else 413), the others as text. Shared by every API that
+/// takes uploads.
+async fn multipart(req: Request, state: &AppState, files: &[&str]) -> Result<Vec<(String, Part)>, ApiError> {
+    use axum::extract::{FromRequest, Multipart};
+    let mut form = Multipart::from_request(req, state)
+        .await
+        .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
+    let field_error = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large(format!("the request body is larger than the {} MB limit", PROCESS_BODY_LIMIT >> 20))
+        } else {
+            ApiError::bad_request("invalid_multipart", e.body_text())
+        }
+    };
+    let mut parts = Vec::new();
+    while let Some(field) = form.next_field().await.map_err(field_error)? {
+        let name = field.name().unwrap_or_default().to_owned();
+        let part = if files.contains(&name.as_str()) {
+            let bytes = field.bytes().await.map_err(field_error)?;
+            if bytes.len() > MAX_IMAGE_BYTES {
+                return Err(ApiError::too_large(format!(
+                    "{name} is larger than the {} MB limit",
+                    MAX_IMAGE_BYTES >> 20
+                )));
+            }
+            Part::File(bytes.to_vec())
+        } else {
+            Part::Text(field.text().await.map_err(field_error)?)
+        };
+        parts.push((name, part));
+    }
+    Ok(parts)
 }
 
 /// The subject's box in a result (an extension to the spec's responses).

@@ -1,7 +1,7 @@
 //! `POST /v1/removebg/process`: one image by URL, base64 (JSON) or upload (multipart).
 
 use axum::body::Body;
-use axum::extract::{FromRequest, FromRequestParts, Multipart, Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -10,9 +10,11 @@ use serde::Serialize;
 
 use super::auth::Caller;
 use super::error::ApiError;
-use super::{AppState, Foreground, MAX_BASE64_RESULT, PROCESS_BODY_LIMIT, content_type, is_json, read_body};
+use super::{
+    AppState, Foreground, MAX_BASE64_RESULT, PROCESS_BODY_LIMIT, Part, content_type, is_json, multipart, read_body,
+};
 use crate::clock::rfc3339;
-use crate::jobs::request::{self, MAX_IMAGE_BYTES, ProcessRequest, parse_json};
+use crate::jobs::request::{self, ProcessRequest, parse_json};
 
 pub const SCOPE_PROCESS: &str = "removebg:images:process";
 
@@ -30,29 +32,16 @@ struct ProcessResponse {
 }
 
 async fn parse_multipart(req: Request, state: &AppState) -> Result<(ProcessRequest, Option<Vec<u8>>), ApiError> {
-    let mut form = Multipart::from_request(req, state)
-        .await
-        .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
     let mut body = ProcessRequest::default();
     let mut file = None;
-    let field_error = |e: axum::extract::multipart::MultipartError| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::too_large("the request body is larger than the 15 MB limit")
-        } else {
-            ApiError::bad_request("invalid_multipart", e.body_text())
-        }
-    };
-    while let Some(field) = form.next_field().await.map_err(field_error)? {
-        let name = field.name().unwrap_or_default().to_owned();
-        if name == "image_file" {
-            let bytes = field.bytes().await.map_err(field_error)?;
-            if bytes.len() > MAX_IMAGE_BYTES {
-                return Err(ApiError::too_large("image_file is larger than the 10 MB limit"));
+    for (name, part) in multipart(req, state, &["image_file"]).await? {
+        let text = match part {
+            Part::File(bytes) => {
+                file = Some(bytes);
+                continue;
             }
-            file = Some(bytes.to_vec());
-            continue;
-        }
-        let text = field.text().await.map_err(field_error)?;
+            Part::Text(text) => text,
+        };
         let slot = match name.as_str() {
             "image_url" => &mut body.image_url,
             "image_base64" => &mut body.image_base64,

@@ -3,17 +3,16 @@
 //! key anyway. Replies are `image/png`; errors are FastAPI's `{"detail": "..."}`.
 
 use axum::body::Body;
-use axum::extract::{FromRequest, FromRequestParts, Multipart, Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 
 use super::auth::Caller;
 use super::error::{ApiError, Shape};
 use super::process::SCOPE_PROCESS;
-use super::{AppState, PROCESS_BODY_LIMIT, content_type, read_body};
+use super::{AppState, PROCESS_BODY_LIMIT, Part, content_type, multipart, read_body};
 use crate::jobs::Source;
 use crate::jobs::rembg;
-use crate::jobs::request::MAX_IMAGE_BYTES;
 
 /// The rembg API's settings, when it is on.
 #[derive(Debug, Clone)]
@@ -95,25 +94,11 @@ pub async fn post_remove(State(state): State<AppState>, req: Request) -> Result<
             ));
         }
         let req = Request::from_parts(parts, Body::from(body));
-        let mut form = Multipart::from_request(req, &state)
-            .await
-            .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
-        let field_error =
-            |e: axum::extract::multipart::MultipartError| ApiError::bad_request("invalid_multipart", e.body_text());
         let mut file = None;
-        while let Some(field) = form.next_field().await.map_err(field_error)? {
-            let name = field.name().unwrap_or_default().to_owned();
-            if name == "file" {
-                let bytes = field.bytes().await.map_err(field_error)?;
-                if bytes.len() > MAX_IMAGE_BYTES {
-                    return Err(ApiError::too_large(format!(
-                        "the file is larger than the {} MB limit",
-                        MAX_IMAGE_BYTES >> 20
-                    )));
-                }
-                file = Some(bytes.to_vec());
-            } else {
-                fields.push((name, field.text().await.map_err(field_error)?));
+        for (name, part) in multipart(req, &state, &["file"]).await? {
+            match part {
+                Part::File(bytes) => file = Some(bytes),
+                Part::Text(text) => fields.push((name, text)),
             }
         }
         let file = file.ok_or_else(|| ApiError::bad_request("missing_file", "give the image as a part named `file`"))?;

@@ -4,7 +4,7 @@
 //! credits, limits, fetch policy, memory bound, MQTT mirror and metrics are the native API's.
 
 use axum::body::{Body, Bytes};
-use axum::extract::{FromRequest, FromRequestParts, Multipart, Request, State};
+use axum::extract::{FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -16,10 +16,10 @@ use super::auth::Caller;
 use super::error::{ApiError, Shape};
 use super::process::SCOPE_PROCESS;
 use super::quota::SCOPE_QUOTA;
-use super::{AppState, PROCESS_BODY_LIMIT, content_type, is_json, read_body};
+use super::{AppState, PROCESS_BODY_LIMIT, Part, content_type, is_json, multipart, read_body};
 use crate::clock;
 use crate::jobs::removebg::{self, Value};
-use crate::jobs::request::{MAX_IMAGE_BYTES, decode_base64};
+use crate::jobs::request::decode_base64;
 
 /// Our errors in remove.bg's statuses and codes (README lists the mapping). Every one of them
 /// has charged nothing.
@@ -61,26 +61,14 @@ async fn fields(parts: Parts, body: Bytes, state: &AppState) -> Result<Vec<(Stri
     let mut out = Vec::new();
     if ct == "multipart/form-data" {
         let req = Request::from_parts(parts, Body::from(body));
-        let mut form = Multipart::from_request(req, state)
-            .await
-            .map_err(|e| ApiError::bad_request("invalid_multipart", e.body_text()))?;
-        let field_error = |e: axum::extract::multipart::MultipartError| {
-            ApiError::bad_request("invalid_multipart", e.body_text())
-        };
-        while let Some(field) = form.next_field().await.map_err(field_error)? {
-            let name = field.name().unwrap_or_default().to_owned();
-            if name == "image_file" || name == "bg_image_file" {
-                let bytes = field.bytes().await.map_err(field_error)?;
-                if bytes.len() > MAX_IMAGE_BYTES {
-                    return Err(ApiError::too_large(format!(
-                        "{name} exceeds the limit of {} MB",
-                        MAX_IMAGE_BYTES >> 20
-                    )));
-                }
-                out.push((name, Value::File(bytes.to_vec())));
-            } else {
-                out.push((name, Value::Text(field.text().await.map_err(field_error)?)));
-            }
+        for (name, part) in multipart(req, state, &["image_file", "bg_image_file"]).await? {
+            out.push((
+                name,
+                match part {
+                    Part::File(bytes) => Value::File(bytes),
+                    Part::Text(text) => Value::Text(text),
+                },
+            ));
         }
     } else if is_json(&ct) {
         let map: serde_json::Map<String, Json> = serde_json::from_slice(&body)

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use serde::Deserialize;
 
 use super::{Bg, JobError, Options, Source};
-use crate::engine::{BgColor, Channels, ColorError, Gradient, Layout, Margin, OutputFormat, OutputSize};
+use crate::engine::{BgColor, Channels, ColorError, Gradient, Margin, OutputFormat, OutputSize};
 
 /// Largest image accepted as base64, upload or download (decoded bytes).
 pub const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
@@ -142,7 +142,6 @@ pub fn options(format: Option<&str>, size: Option<&str>, fields: &OptionFields) 
     let mut opts = Options {
         format: output_format(format)?,
         size: output_size(size)?,
-        layout: Layout::default(),
         ..Options::default()
     };
     fields.apply(&mut opts)?;
