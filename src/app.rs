@@ -233,6 +233,7 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
         None => None,
     };
     let link = Arc::new(crate::metrics::LinkState::default());
+    let connections = within_fd_limit(settings.connections);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("removebgd-io")
@@ -244,15 +245,14 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
         let queue_runs = TaskTracker::new();
         let queue = tokio::spawn(jobs.clone().run_queue(draining.clone(), queue_runs.clone()));
         let sweeper = tokio::spawn(jobs.clone().sweep_forever(settings.sweep_interval));
-        let listener = tokio::net::TcpListener::bind(settings.listen)
-            .await
-            .with_context(|| format!("listening on {}", settings.listen))?;
+        let listener = http::serve::bind(settings.listen).with_context(|| format!("listening on {}", settings.listen))?;
         let bound = listener.local_addr()?;
         tracing::info!(addr = %bound, "listening");
         // Derived from the bound address: with port 0 the kernel chose the port.
         let fallback = fallback_url(bound);
         let state = http::AppState {
             jobs: jobs.clone(),
+            in_flight: Arc::new(http::InFlight::default()),
             rate: Arc::new(http::RateLimiter::new(settings.rate_limit, settings.rate_burst)),
             polls: Arc::new(http::PollLimiter::new(settings.batch_poll_interval)),
             uploads: Arc::new(tokio::sync::Semaphore::new(http::MAX_CONCURRENT_UPLOADS)),
@@ -264,6 +264,12 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
             mqtt: Arc::clone(&link),
             draining: draining.clone(),
             rembg,
+            connections,
+            conn_stats: Arc::new(http::serve::ConnMetrics::default()),
+            body_deadline: http::BodyDeadline {
+                grace: settings.body_timeout,
+                min_rate: settings.body_min_rate,
+            },
         };
 
         let stop = CancellationToken::new();
@@ -300,20 +306,21 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
                 draining.cancel();
             }
         };
-        let server = axum::serve(listener, http::router(state)).with_graceful_shutdown(signal);
-        let mut server = tokio::spawn(async move { server.await });
-        // With no connection open, the server ends as soon as the signal arrives: both branches
-        // can be ready together.
-        let mut server_ended = false;
+        tokio::spawn(signal);
+        // The server keeps accepting while the daemon drains: /readyz answers 503 and new API
+        // requests 503 `shutting_down` (see http::error::drain_gate), instead of refused
+        // connections. It stops once the work in flight is done.
+        let server_stop = CancellationToken::new();
+        let in_flight = state.in_flight.clone();
+        let conn_stats = state.conn_stats.clone();
+        let server = http::serve::serve(listener, http::router(state), connections, conn_stats, server_stop.clone());
+        let mut server = tokio::spawn(server);
         tokio::select! {
             biased;
             _ = draining.cancelled() => {}
             ended = &mut server => {
-                ended.context("the HTTP server task")?.context("serving HTTP")?;
-                if !draining.is_cancelled() {
-                    bail!("the HTTP server stopped on its own");
-                }
-                server_ended = true;
+                ended.context("the HTTP server task")?;
+                bail!("the HTTP server stopped on its own");
             }
         }
         if let Some(n) = &systemd {
@@ -325,14 +332,18 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
             "stop requested; finishing requests and jobs in flight, queued work stays for the next start"
         );
         queue_runs.close();
+        let pool_jobs = jobs.clone();
         let drained = tokio::time::timeout_at(deadline, async {
-            if !server_ended {
-                let _ = (&mut server).await;
-            }
+            in_flight.wait_idle().await;
             queue_runs.wait().await;
+            // Images whose client went away are still finished, stored and charged.
+            pool_jobs.requests_done().await;
         })
         .await
         .is_ok();
+        // Idle connections close now; a response still being written is finished first.
+        server_stop.cancel();
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), &mut server).await;
         if !drained {
             tracing::warn!(
                 "drain deadline passed with work in flight; it is settled at the next start (batch items run again, single requests are marked interrupted)"
@@ -357,6 +368,38 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Descriptors kept for everything but client connections: the database, result files, the
+/// model, image fetches, MQTT.
+const FD_RESERVE: u64 = 256;
+
+/// `max_connections`, lowered (with a warning) to leave [`FD_RESERVE`] descriptors under the
+/// process's limit, which is first raised to its hard limit: at the cap new connections get a
+/// 503, not an accept error.
+fn within_fd_limit(mut limits: http::serve::ConnLimits) -> http::serve::ConnLimits {
+    let mut r = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) } != 0 {
+        return limits;
+    }
+    if r.rlim_cur < r.rlim_max {
+        let raised = libc::rlimit { rlim_cur: r.rlim_max, rlim_max: r.rlim_max };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            r.rlim_cur = r.rlim_max;
+        }
+    }
+    let room = (r.rlim_cur as u64).saturating_sub(FD_RESERVE).max(16) as usize;
+    if limits.max_connections > room {
+        tracing::warn!(
+            max_connections = limits.max_connections,
+            fd_limit = r.rlim_cur as u64,
+            lowered_to = room,
+            "max_connections is above the file descriptor limit less {FD_RESERVE}; lowered"
+        );
+        limits.max_connections = room;
+    }
+    limits
 }
 
 async fn stop_signal(mut term: tokio::signal::unix::Signal) {

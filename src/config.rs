@@ -274,6 +274,30 @@ pub struct ServeArgs {
     /// exits anyway [default: 30s; keep it below systemd's TimeoutStopSec].
     #[arg(long, env = "REMOVEBGD_DRAIN_TIMEOUT")]
     pub drain_timeout: Option<String>,
+    /// A client must send a whole request head within this, from connecting and again after
+    /// each response; slower connections are closed [default: 10s].
+    #[arg(long, env = "REMOVEBGD_HEADER_TIMEOUT")]
+    pub header_timeout: Option<String>,
+    /// A connection with nothing in flight is closed after this long idle; 0s closes each
+    /// connection after one request. At most header_timeout [default: 5s].
+    #[arg(long, env = "REMOVEBGD_KEEPALIVE_TIMEOUT")]
+    pub keepalive_timeout: Option<String>,
+    /// A request body gets this long, plus one second for every body_min_rate_kb kilobytes
+    /// received; slower uploads get 408 [default: 20s].
+    #[arg(long, env = "REMOVEBGD_BODY_TIMEOUT")]
+    pub body_timeout: Option<String>,
+    /// Slowest sustained upload accepted, in kilobytes a second, after body_timeout's grace
+    /// [default: 32].
+    #[arg(long, env = "REMOVEBGD_BODY_MIN_RATE_KB")]
+    pub body_min_rate_kb: Option<u64>,
+    /// Most HTTP connections open at once; more are answered 503 and closed. Kept below the
+    /// file descriptor limit [default: 1024].
+    #[arg(long, env = "REMOVEBGD_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most HTTP connections open at once from one client address; 0 turns the cap off (do so
+    /// behind a reverse proxy) [default: 64].
+    #[arg(long, env = "REMOVEBGD_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
     /// Most megabytes the result files may take; the soonest-expiring results are evicted to
     /// make room [default: 1024].
     #[arg(long, env = "REMOVEBGD_RESULTS_MAX_MB")]
@@ -352,6 +376,10 @@ pub struct ServeSettings {
     pub rate_burst: u32,
     pub batch_poll_interval: std::time::Duration,
     pub drain_timeout: std::time::Duration,
+    pub connections: crate::http::serve::ConnLimits,
+    pub body_timeout: std::time::Duration,
+    /// Bytes a second.
+    pub body_min_rate: u64,
     pub results_max_bytes: u64,
     pub results_min_keep: std::time::Duration,
     pub min_free_disk: u64,
@@ -533,9 +561,33 @@ impl ServeArgs {
             }
             None => None,
         };
+        let header_timeout = duration("header_timeout", self.header_timeout.or(file.header_timeout), "10s")?;
+        let keepalive_timeout = duration("keepalive_timeout", self.keepalive_timeout.or(file.keepalive_timeout), "5s")?;
+        if header_timeout.is_zero() {
+            bail!("header_timeout: must be more than 0s");
+        }
+        if keepalive_timeout > header_timeout {
+            bail!("keepalive_timeout: must not exceed header_timeout (an idle connection is also waiting for a request head)");
+        }
+        let max_connections = self.max_connections.or(file.max_connections).unwrap_or(1024);
+        if max_connections == 0 {
+            bail!("max_connections: must be at least 1");
+        }
+        let body_min_rate_kb = self.body_min_rate_kb.or(file.body_min_rate_kb).unwrap_or(32);
+        if body_min_rate_kb == 0 {
+            bail!("body_min_rate_kb: must be at least 1");
+        }
         Ok(ServeSettings {
             mqtt,
             rembg,
+            connections: crate::http::serve::ConnLimits {
+                header_timeout,
+                keepalive_timeout,
+                max_connections,
+                max_per_ip: self.max_connections_per_ip.or(file.max_connections_per_ip).unwrap_or(64),
+            },
+            body_timeout: duration("body_timeout", self.body_timeout.or(file.body_timeout), "20s")?,
+            body_min_rate: body_min_rate_kb * 1000,
             listen: self
                 .listen
                 .or(file.listen)
@@ -600,6 +652,12 @@ impl ServeSettings {
             rate_burst: Some(self.rate_burst),
             batch_poll_interval: text(self.batch_poll_interval),
             drain_timeout: text(self.drain_timeout),
+            header_timeout: text(self.connections.header_timeout),
+            keepalive_timeout: text(self.connections.keepalive_timeout),
+            body_timeout: text(self.body_timeout),
+            body_min_rate_kb: Some(self.body_min_rate / 1000),
+            max_connections: Some(self.connections.max_connections),
+            max_connections_per_ip: Some(self.connections.max_per_ip),
             results_max_mb: Some(self.results_max_bytes / 1_000_000),
             results_min_keep: text(self.results_min_keep),
             min_free_disk_mb: Some(self.min_free_disk / 1_000_000),

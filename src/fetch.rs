@@ -129,6 +129,21 @@ fn canonical(ip: IpAddr) -> IpAddr {
     ip
 }
 
+/// The IPv4 address inside a NAT64 (`64:ff9b::/96`, `64:ff9b:1::/48`) or 6to4 (`2002::/16`)
+/// address.
+fn translated_v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    let IpAddr::V6(v6) = ip else { return None };
+    let bits = u128::from(v6);
+    let s = v6.segments();
+    if bits >> 32 == 0x0064_ff9b_0000_0000_0000_0000 || (s[0], s[1], s[2]) == (0x64, 0xff9b, 1) {
+        return Some(Ipv4Addr::from(bits as u32));
+    }
+    if s[0] == 0x2002 {
+        return Some(Ipv4Addr::from(((s[1] as u32) << 16) | s[2] as u32));
+    }
+    None
+}
+
 /// Why the policy refuses an address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -192,11 +207,18 @@ impl FetchPolicy {
         FetchPolicy { allow, deny, own }
     }
 
-    /// Whether a connection to `ip` may be made, and if not why.
+    /// Whether a connection to `ip` may be made, and if not why. An IPv6 address that carries
+    /// an IPv4 one for a translator (NAT64, 6to4) is judged by both: `64:ff9b::7f00:1` is a way
+    /// to 127.0.0.1 on a network with a NAT64 gateway.
     pub fn check(&self, ip: IpAddr) -> Result<(), Refusal> {
         let ip = canonical(ip);
         if self.allow.iter().any(|cidr| cidr.contains(ip)) {
             return Ok(());
+        }
+        if let Some(v4) = translated_v4(ip)
+            && !self.allow.iter().any(|cidr| cidr.contains(IpAddr::V4(v4)))
+        {
+            self.check(IpAddr::V4(v4))?;
         }
         if let Some((_, refusal)) = DEFAULT_REFUSED.iter().find(|(cidr, _)| cidr.contains(ip)) {
             return Err(*refusal);
@@ -783,9 +805,18 @@ mod tests {
             ("192.0.2.2", Refusal::OwnAddress),
             ("::ffff:192.0.2.2", Refusal::OwnAddress),
             ("fd00::2", Refusal::OwnAddress),
+            // Through a NAT64 gateway or a 6to4 relay.
+            ("64:ff9b::7f00:1", Refusal::Loopback),
+            ("64:ff9b::a9fe:a9fe", Refusal::LinkLocal),
+            ("64:ff9b:1::a9fe:a9fe", Refusal::LinkLocal),
+            ("2002:7f00:1::", Refusal::Loopback),
+            ("2002:c000:202::1", Refusal::OwnAddress),
         ] {
             assert_eq!(policy.check(ip(address)), Err(refusal), "{address}");
         }
+        // An explicit allow of the IPv4 address covers its translated forms.
+        let lab = FetchPolicy::new(vec!["127.0.0.0/8".parse().unwrap()], vec![], vec![]);
+        assert_eq!(lab.check(ip("64:ff9b::7f00:1")), Ok(()));
         for allowed in [
             "10.0.0.1",
             "172.16.5.4",
@@ -796,6 +827,8 @@ mod tests {
             "8.8.8.8",
             "2001:db8::1",
             "::ffff:192.168.1.20",
+            "64:ff9b::808:808",
+            "2002:cb00:7109::1",
         ] {
             assert_eq!(policy.check(ip(allowed)), Ok(()), "{allowed}");
         }

@@ -1004,3 +1004,30 @@ async fn native_extensions_crop_jpg_backgrounds_channels_and_the_foreground_box(
     let img = image::load_from_memory(&r.bytes().await.unwrap()).unwrap();
     assert_eq!((img.width() as u64, img.height() as u64), (bw + 10, bh + 10));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn result_names_never_reach_outside_the_stored_results() {
+    let d = Daemon::start(5, &[]).await;
+    // Files that exist in and around the data directory.
+    std::fs::write(d.data().join("results").join("planted.png"), b"not a result").unwrap();
+    for name in [
+        "removebgd.db",
+        "planted.png",
+        "..%2fremovebgd.db",
+        "%2e%2e%2fremovebgd.db",
+        "..%5cremovebgd.db",
+        "%2fetc%2fpasswd",
+        "rbg_x.png%00.png",
+        "RBG_X.PNG",
+        ".hidden",
+    ] {
+        let r = d.client.get(d.url(&format!("/v1/removebg/results/{name}"))).send().await.unwrap();
+        let (s, h, v) = split(r).await;
+        assert_eq!(error_code(s, &h, &v, StatusCode::NOT_FOUND), "result_not_found", "{name}");
+    }
+    // Paths that leave the route altogether are unknown routes.
+    for path in ["/v1/removebg/results/../../removebgd.db", "/v1/removebg/results/a/b.png"] {
+        let r = d.client.get(d.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{path}");
+    }
+}

@@ -486,4 +486,195 @@ fn the_systemd_unit_passes_systemd_analyze_verify_and_its_security_threshold() {
     );
     assert!(out.status.success(), "{text}");
     assert!(text.contains("removebgd.service OK"), "{text}");
+    // The exposure the README promises is the one measured.
+    let number_after = |text: &str, marker: &str| -> f64 {
+        let at = text.find(marker).unwrap_or_else(|| panic!("no {marker:?}")) + marker.len();
+        text[at..]
+            .trim_start()
+            .split(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let measured = number_after(&text, "Overall exposure level for removebgd.service:");
+    let readme = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let promised = number_after(&readme, "`systemd-analyze security` exposure");
+    assert!(measured <= promised, "exposure {measured}, README promises {promised}");
+}
+
+/// Job counts by status, read from the daemon's database file.
+fn job_statuses(d: &Daemon) -> BTreeMap<String, i64> {
+    let db = rusqlite::Connection::open_with_flags(
+        d.data().join("removebgd.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let mut q = db.prepare("SELECT status, COUNT(*) FROM jobs GROUP BY status").unwrap();
+    q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Waits (generously) until `ok` holds for the job counts.
+async fn wait_jobs(d: &Daemon, what: &str, ok: impl Fn(&BTreeMap<String, i64>) -> bool) -> BTreeMap<String, i64> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = job_statuses(d);
+        if ok(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}: jobs are {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn count(s: &BTreeMap<String, i64>, status: &str) -> i64 {
+    s.get(status).copied().unwrap_or(0)
+}
+
+/// An upload held open: the head and the first bytes of the body are sent, the rest when
+/// `finish` is called. While it is held, its request is inside the daemon.
+struct HeldUpload {
+    stream: tokio::net::TcpStream,
+    rest: Vec<u8>,
+}
+
+impl HeldUpload {
+    async fn start(d: &Daemon, key: &str, body: &[u8]) -> HeldUpload {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = tokio::net::TcpStream::connect(d.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/removebg/process HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        stream.write_all(&body[..10]).await.unwrap();
+        HeldUpload {
+            stream,
+            rest: body[10..].to_vec(),
+        }
+    }
+
+    /// Sends the rest and reads the answer's status line.
+    async fn finish(mut self) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        self.stream.write_all(&self.rest).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
+            let k = self.stream.read(&mut buf).await.unwrap();
+            assert!(k > 0, "closed before answering");
+            answer.extend_from_slice(&buf[..k]);
+        }
+        String::from_utf8_lossy(&answer).lines().next().unwrap().to_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_answers_503_to_new_work_finishes_what_runs_and_leaves_queued_items_for_the_next_start() {
+    let mut d = Daemon::start(20, &["--workers", "1", "--fetch-allow", "127.0.0.0/8", "--drain-timeout", "60s"]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let img = image_server().await;
+    // Five batch items, each fetched from a URL that answers after 0.7 s: one runs at a time.
+    let urls: Vec<Value> = (0..5).map(|_| json!({"url": format!("http://{img}/slow.jpg")})).collect();
+    let (s, _, batch) = d.post_json("/v1/removebg/batch", &key, &json!({"images": urls})).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{batch}");
+    // A single request whose upload is still arriving: the drain must wait for it.
+    let body = json!({"image_base64": b64(&noise_jpeg(64, 48))}).to_string();
+    let upload = HeldUpload::start(&d, &key, body.as_bytes()).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while metrics(&d).await["removebgd_http_requests_in_flight"] < 1.0 {
+        assert!(Instant::now() < deadline, "the upload never reached its handler");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    wait_jobs(&d, "a batch item starts", |s| count(s, "running") >= 1).await;
+
+    sigterm(&d);
+    // The daemon still answers: /readyz says it is going away, new work gets 503.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let ready = loop {
+        let (s, v) = readyz(&d).await;
+        if s == StatusCode::SERVICE_UNAVAILABLE {
+            break v;
+        }
+        assert!(Instant::now() < deadline, "/readyz never turned 503");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert!(ready["reasons"].to_string().contains("shutting down"), "{ready}");
+    let (s, h, v) = d
+        .post_json("/v1/removebg/process", &key, &json!({"image_base64": b64(&noise_jpeg(64, 48))}))
+        .await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::SERVICE_UNAVAILABLE), "shutting_down");
+    assert_eq!(h["retry-after"], "5");
+    let (s, h, v) = d.get("/v1/removebg/quota", &key).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::SERVICE_UNAVAILABLE), "shutting_down");
+    // The running item finishes; the queued ones are not started.
+    let during = wait_jobs(&d, "the running item ends", |s| count(s, "running") == 0).await;
+    assert_eq!(count(&during, "queued"), 5 - count(&during, "completed"), "{during:?}");
+    assert!(count(&during, "queued") >= 3, "{during:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(job_statuses(&d), during, "nothing else starts while draining");
+    assert!(d.child.as_mut().unwrap().try_wait().unwrap().is_none(), "still draining: the upload is open");
+
+    // The held upload completes normally; then the daemon exits.
+    assert!(upload.finish().await.starts_with("HTTP/1.1 200 "));
+    let status = wait_exit(&mut d, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    let after = job_statuses(&d);
+    assert_eq!(count(&after, "queued"), count(&during, "queued"), "{after:?}");
+    assert_eq!(count(&after, "failed"), 0, "{after:?}");
+
+    // The next start runs the queued items.
+    d.launch().await;
+    wait_jobs(&d, "the batch completes after the restart", |s| count(s, "completed") == 6).await;
+    assert_eq!(d.credits("shop"), (6, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_drain_deadline_passes_the_daemon_exits_and_the_unfinished_request_is_interrupted_and_released() {
+    // An image URL that never answers: the request is running (its credit reserved) when the
+    // 1 s drain deadline passes.
+    let app = axum::Router::new().route(
+        "/hang.jpg",
+        axum::routing::get(|| async {
+            tokio::time::sleep(Duration::from_secs(300)).await;
+            "never"
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hang = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+
+    let mut d = Daemon::start(5, &["--fetch-allow", "127.0.0.0/8", "--drain-timeout", "1s"]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let request = {
+        let (client, url, key) = (d.client.clone(), d.url("/v1/removebg/process"), key.clone());
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .bearer_auth(key)
+                .header("content-type", "application/json")
+                .body(json!({"image_url": format!("http://{hang}/hang.jpg")}).to_string())
+                .send()
+                .await
+        })
+    };
+    wait_jobs(&d, "the request starts", |s| count(s, "running") == 1).await;
+    assert_eq!(d.credits("shop"), (0, 1), "its credit is reserved");
+    sigterm(&d);
+    let status = wait_exit(&mut d, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(request.await.unwrap().is_err(), "the client sees the connection end");
+    assert_eq!(count(&job_statuses(&d), "running"), 1, "left running by the exit");
+
+    d.launch().await;
+    let after = job_statuses(&d);
+    assert_eq!(count(&after, "failed"), 1, "{after:?}");
+    let db = rusqlite::Connection::open(d.data().join("removebgd.db")).unwrap();
+    let code: String = db.query_row("SELECT error_code FROM jobs", [], |r| r.get(0)).unwrap();
+    assert_eq!(code, "interrupted");
+    assert_eq!(d.credits("shop"), (0, 0), "the credit is released");
 }

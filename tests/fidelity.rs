@@ -25,6 +25,7 @@ fn fidelity_at(model: &str, reference_name: &str, precision: &str, bound: f64, f
         .unwrap();
     assert!(status.success(), "cut failed: {status}");
     let mut worst = 0.0f64;
+    let mut compared = 0;
     for entry in std::fs::read_dir(images()).unwrap() {
         let path = entry.unwrap().path();
         let stem = path.file_stem().unwrap().to_str().unwrap().to_owned();
@@ -46,7 +47,14 @@ fn fidelity_at(model: &str, reference_name: &str, precision: &str, bound: f64, f
         assert!(d <= bound, "{model} {precision} {stem}: mean abs diff {d:.3} > {bound}/255");
         assert!(far <= flipped, "{model} {precision} {stem}: {far:.3}% of pixels off by more than 32 levels");
         worst = worst.max(d);
+        compared += 1;
     }
+    // Every reference mask of this model was compared: an empty or partial folder fails.
+    let references = std::fs::read_dir(fixture("reference"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(&format!(".{reference_name}.png")))
+        .count();
+    assert!(compared >= 5 && compared == references, "{compared} photos compared, {references} references");
     println!("fidelity {model} {precision}: worst {worst:.3}/255");
 }
 

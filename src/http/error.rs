@@ -72,6 +72,11 @@ impl ApiError {
         }
     }
 
+    /// A request body slower than the body deadline; the connection is closed after it.
+    pub fn request_timeout(message: impl Into<String>) -> ApiError {
+        ApiError::new(StatusCode::REQUEST_TIMEOUT, "request_timeout", message)
+    }
+
     /// Logs the cause; the client only learns that something went wrong on our side.
     pub fn internal(cause: impl std::fmt::Display) -> ApiError {
         tracing::error!(error = %cause, "internal error");
@@ -121,6 +126,10 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after {
             res.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if self.status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body may still be on its way: do not read it as the next request.
+            res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         res.extensions_mut().insert(self);
         res
     }
@@ -166,7 +175,9 @@ fn removebg_title(err: &ApiError) -> &'static str {
         (400, _) => "Invalid parameters or input file unprocessable",
         (402, _) => "Insufficient credits",
         (403, _) => "Authentication failed",
+        (408, _) => "Request timeout",
         (429, _) => "Rate limit exceeded",
+        (503, _) => "Service unavailable",
         (507, _) => "Insufficient storage",
         (s, _) if s >= 500 => "Internal error",
         _ => "Request failed",
@@ -192,7 +203,7 @@ pub async fn request_id(State(state): State<AppState>, req: Request, next: Next)
     });
     if let Some(err) = err {
         let mut rendered = render(&err, &id);
-        for name in [header::RETRY_AFTER, header::ALLOW] {
+        for name in [header::RETRY_AFTER, header::ALLOW, header::CONNECTION] {
             if let Some(v) = res.headers().get(&name) {
                 rendered.headers_mut().insert(name, v.clone());
             }
@@ -217,7 +228,108 @@ pub async fn request_id(State(state): State<AppState>, req: Request, next: Next)
     res
 }
 
+/// Which API's error shape a path speaks.
+fn shape_of(path: &str) -> Shape {
+    if path.starts_with("/v1.0/") {
+        Shape::RemoveBg
+    } else if path.starts_with("/api/") {
+        Shape::Rembg
+    } else {
+        Shape::Native
+    }
+}
+
+/// While the daemon drains, new API requests get 503 `shutting_down` (the operator endpoints
+/// keep answering, `/readyz` with 503); requests already inside run to the end, and the drain
+/// waits for them through [`super::InFlight`].
+pub async fn drain_gate(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    if matches!(path, "/healthz" | "/readyz" | "/metrics" | "/openapi.json") {
+        return next.run(req).await;
+    }
+    // In before looking: a drain that starts after this check waits for this request.
+    let _in = state.in_flight.enter();
+    if state.draining.is_cancelled() {
+        let mut res = ApiError {
+            retry_after: Some(5),
+            shape: shape_of(path),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "removebgd is shutting down; retry in a few seconds (or on another node)",
+            )
+        }
+        .into_response();
+        res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return res;
+    }
+    next.run(req).await
+}
+
+/// A handler that panics (a bug) answers 500 in its API's error shape, logged with its request
+/// id, instead of dropping the connection with no answer.
+pub async fn catch_panic(req: Request, next: Next) -> Response {
+    use futures_util::FutureExt as _;
+    let shape = shape_of(req.uri().path());
+    match std::panic::AssertUnwindSafe(next.run(req)).catch_unwind().await {
+        Ok(res) => res,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_owned());
+            ApiError {
+                shape,
+                ..ApiError::internal(format!("the handler panicked: {what}"))
+            }
+            .into_response()
+        }
+    }
+}
+
 /// Unknown paths.
 pub async fn not_found() -> ApiError {
     ApiError::not_found("not_found", "no such endpoint; see the API section of the README")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use tower::ServiceExt as _;
+
+    async fn bug() -> &'static str {
+        panic!("a bug")
+    }
+
+    async fn formatted_bug() -> &'static str {
+        panic!("{}", String::from("another bug"))
+    }
+
+    async fn call(path: &str) -> Response {
+        let app = axum::Router::new()
+            .route("/v1/removebg/quota", get(bug))
+            .route("/v1.0/account", get(formatted_bug))
+            .route("/healthz", get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn(catch_panic));
+        app.oneshot(Request::get(path).body(axum::body::Body::empty()).unwrap())
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_in_its_apis_shape() {
+        let res = call("/v1/removebg/quota").await;
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let err = res.extensions().get::<ApiError>().expect("rendered by request_id");
+        assert_eq!((err.code, err.shape), ("internal_error", Shape::Native));
+        assert!(!err.message.contains("a bug"), "the panic stays in the log: {}", err.message);
+
+        let res = call("/v1.0/account").await;
+        assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(res.extensions().get::<ApiError>().unwrap().shape, Shape::RemoveBg);
+
+        assert_eq!(call("/healthz").await.status(), StatusCode::OK);
+    }
 }

@@ -117,6 +117,14 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
         "removebgd_http_request_duration_seconds",
         "Time from request to response, all routes.",
     );
+    state.conn_stats.render(&mut out, &state.connections);
+    metrics::single(
+        &mut out,
+        "removebgd_http_requests_in_flight",
+        "gauge",
+        "API requests being handled now (the operator endpoints not counted).",
+        state.in_flight.count(),
+    );
 
     metrics::header(
         &mut out,

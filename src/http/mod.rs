@@ -11,6 +11,7 @@ mod quota;
 mod rembg;
 mod removebg_v1;
 mod results;
+pub mod serve;
 
 use std::sync::Arc;
 
@@ -59,6 +60,69 @@ pub struct AppState {
     pub draining: tokio_util::sync::CancellationToken,
     /// rembg's server API, when the operator turned it on.
     pub rembg: Option<RembgApi>,
+    /// Connection caps and timeouts, and their counters for /metrics.
+    pub connections: serve::ConnLimits,
+    pub conn_stats: Arc<serve::ConnMetrics>,
+    /// How slowly a request body may arrive (see [`read_body`]).
+    pub body_deadline: BodyDeadline,
+    /// API requests being handled now; the drain waits for them.
+    pub in_flight: Arc<InFlight>,
+}
+
+/// Counts API requests inside their handlers, so a drain can wait for the last one.
+#[derive(Debug, Default)]
+pub struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One request in [`InFlight`]; leaves when dropped (also when the client goes away).
+pub struct InFlightGuard(Arc<InFlight>);
+
+impl InFlight {
+    pub fn enter(self: &Arc<Self>) -> InFlightGuard {
+        self.count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlightGuard(self.clone())
+    }
+
+    pub fn count(&self) -> usize {
+        self.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Returns once no request is in flight.
+    pub async fn wait_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            if self.count() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A body gets `grace`, plus one second for every `min_rate` bytes received: a slow upload
+/// over poor Wi-Fi finishes, a client trickling bytes to hold an upload slot does not.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyDeadline {
+    pub grace: std::time::Duration,
+    /// Bytes a second.
+    pub min_rate: u64,
+}
+
+impl BodyDeadline {
+    /// How long a body that has sent `received` bytes may have taken so far.
+    fn allowed(&self, received: usize) -> std::time::Duration {
+        self.grace + std::time::Duration::from_secs_f64(received as f64 / self.min_rate.max(1) as f64)
+    }
 }
 
 impl AppState {
@@ -172,8 +236,11 @@ fn is_json(media_type: &str) -> bool {
 
 /// Reads the whole body (at most `limit` bytes) before anything else can fail: a client still
 /// uploading when we answer 401 or 400 would otherwise see a reset connection, not the answer.
-async fn read_body(req: Request, limit: usize) -> Result<(Parts, Bytes), ApiError> {
-    let (parts, body) = req.into_parts();
+/// A body that arrives more slowly than `state.body_deadline` allows gets 408 and the connection
+/// is closed.
+async fn read_body(state: &AppState, req: Request, limit: usize) -> Result<(Parts, Bytes), ApiError> {
+    use http_body_util::BodyExt as _;
+    let (parts, mut body) = req.into_parts();
     let too_large = || ApiError::too_large(format!("the request body is larger than the {} MB limit", limit >> 20));
     let declared = parts
         .headers
@@ -183,22 +250,39 @@ async fn read_body(req: Request, limit: usize) -> Result<(Parts, Bytes), ApiErro
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    match axum::body::to_bytes(body, limit).await {
-        Ok(bytes) => Ok((parts, bytes)),
-        Err(e) => {
-            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-            while let Some(c) = cause {
-                if c.is::<http_body_util::LengthLimitError>() {
-                    return Err(too_large());
-                }
-                cause = c.source();
+    let started = tokio::time::Instant::now();
+    let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
+    loop {
+        let deadline = started + state.body_deadline.allowed(buf.len());
+        let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+            Err(_) => {
+                state.conn_stats.body_timeouts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let d = state.body_deadline;
+                return Err(ApiError::request_timeout(format!(
+                    "the request body arrived too slowly ({} bytes in {} s; allowed: {} s plus one second for every {} kB)",
+                    buf.len(),
+                    started.elapsed().as_secs(),
+                    d.grace.as_secs(),
+                    d.min_rate / 1000
+                )));
             }
-            Err(ApiError::bad_request(
-                "invalid_request",
-                "the request body could not be read",
-            ))
+            Ok(None) => break,
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(_))) => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    "the request body could not be read",
+                ));
+            }
+        };
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > limit {
+                return Err(too_large());
+            }
+            buf.extend_from_slice(&data);
         }
     }
+    Ok((parts, buf.freeze()))
 }
 
 pub fn router(state: AppState) -> Router {
@@ -238,6 +322,8 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::openapi))
         .fallback(error::not_found)
+        .layer(axum::middleware::from_fn(error::catch_panic))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), error::drain_gate))
         .layer(axum::middleware::from_fn_with_state(state.clone(), error::request_id))
         .with_state(state)
 }

@@ -85,7 +85,7 @@ pub async fn post_remove(State(state): State<AppState>, req: Request) -> Result<
     async {
         let _slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
         let mut fields = query_pairs(&req);
-        let (mut parts, body) = read_body(req, PROCESS_BODY_LIMIT).await?;
+        let (mut parts, body) = read_body(&state, req, PROCESS_BODY_LIMIT).await?;
         let account = account(&mut parts, &state).await?;
         if content_type(&parts.headers) != "multipart/form-data" {
             return Err(ApiError::bad_request(

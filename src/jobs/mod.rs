@@ -143,7 +143,8 @@ impl Options {
         }
     }
 
-    fn bg_text(&self) -> Option<String> {
+    /// The `bg_color` column: the background colour, when it is one.
+    pub fn bg_text(&self) -> Option<String> {
         match &self.background {
             Some(Bg::Color(c)) => Some(c.to_string()),
             _ => None,
@@ -151,7 +152,7 @@ impl Options {
     }
 
     /// The options column: only when the classic columns (format, size, colour) do not say it all.
-    fn stored(&self) -> Option<String> {
+    pub fn stored(&self) -> Option<String> {
         let classic = matches!(self.background, None | Some(Bg::Color(_)))
             && self.channels == Channels::Rgba
             && self.roi.is_none()
@@ -169,7 +170,8 @@ impl Options {
         serde_json::to_string(&record).ok()
     }
 
-    fn from_stored(format: &str, size: &str, bg: Option<&str>, options: Option<&str>) -> Options {
+    /// A queued job's options from its columns (the inverse of `bg_text` and [`Options::stored`]).
+    pub fn from_stored(format: &str, size: &str, bg: Option<&str>, options: Option<&str>) -> Options {
         if let Some(opts) = options.and_then(|o| serde_json::from_str(o).ok()) {
             return opts;
         }
@@ -233,6 +235,8 @@ struct Inner {
     /// Bytes of result files written but not yet recorded in the database; held while room is
     /// made, so concurrent jobs cannot together overshoot the cap.
     space: std::sync::Mutex<u64>,
+    /// Single requests' job tasks, so a drain can wait for those whose client went away.
+    requests: tokio_util::task::TaskTracker,
 }
 
 /// No task started or finished for this long while one is running: the engine is stuck. Far
@@ -260,6 +264,7 @@ impl Jobs {
             fetcher,
             settings,
             queue_wakeup: Notify::new(),
+            requests: tokio_util::task::TaskTracker::new(),
             events: broadcast::channel(EVENT_BUFFER).0,
             stats: Stats::default(),
             space: std::sync::Mutex::new(0),
@@ -340,9 +345,20 @@ impl Jobs {
         });
         let this = self.clone();
         let span = tracing::info_span!("job", job_id = %id);
-        tokio::spawn(async move { this.run(meta, source, opts).await }.instrument(span))
+        self.0
+            .requests
+            .spawn(async move { this.run(meta, source, opts).await }.instrument(span))
             .await
             .map_err(|e| JobError::Internal(format!("job task: {e}")))?
+    }
+
+    /// Returns once no single request's job is running (including those whose client left).
+    pub async fn requests_done(&self) {
+        while !self.0.requests.is_empty() {
+            // TaskTracker::wait needs close(); new requests are refused while draining anyway,
+            // so poll the count.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Records a job to run from the queue (MQTT), its credit reserved, its inline image saved

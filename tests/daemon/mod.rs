@@ -28,7 +28,12 @@ pub struct Daemon {
 /// A plain HTTP client (reqwest here is built without a default TLS provider).
 pub fn client() -> reqwest::Client {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::new()
+    // Below the daemon's keep-alive timeout (5 s): a connection the daemon is closing for
+    // idleness is never picked for the next request.
+    reqwest::Client::builder()
+        .pool_idle_timeout(Duration::from_secs(2))
+        .build()
+        .unwrap()
 }
 
 /// Starts `removebgd serve` (which must listen on port 0) and returns it with the address it
