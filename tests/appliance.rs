@@ -534,45 +534,6 @@ fn count(s: &BTreeMap<String, i64>, status: &str) -> i64 {
     s.get(status).copied().unwrap_or(0)
 }
 
-/// An upload held open: the head and the first bytes of the body are sent, the rest when
-/// `finish` is called. While it is held, its request is inside the daemon.
-struct HeldUpload {
-    stream: tokio::net::TcpStream,
-    rest: Vec<u8>,
-}
-
-impl HeldUpload {
-    async fn start(d: &Daemon, key: &str, body: &[u8]) -> HeldUpload {
-        use tokio::io::AsyncWriteExt;
-        let mut stream = tokio::net::TcpStream::connect(d.addr).await.unwrap();
-        let head = format!(
-            "POST /v1/removebg/process HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
-             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).await.unwrap();
-        stream.write_all(&body[..10]).await.unwrap();
-        HeldUpload {
-            stream,
-            rest: body[10..].to_vec(),
-        }
-    }
-
-    /// Sends the rest and reads the answer's status line.
-    async fn finish(mut self) -> String {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        self.stream.write_all(&self.rest).await.unwrap();
-        let mut answer = Vec::new();
-        let mut buf = [0u8; 4096];
-        while !answer.windows(4).any(|w| w == b"\r\n\r\n") {
-            let k = self.stream.read(&mut buf).await.unwrap();
-            assert!(k > 0, "closed before answering");
-            answer.extend_from_slice(&buf[..k]);
-        }
-        String::from_utf8_lossy(&answer).lines().next().unwrap().to_owned()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_drain_answers_503_to_new_work_finishes_what_runs_and_leaves_queued_items_for_the_next_start() {
     let mut d = Daemon::start(20, &["--workers", "1", "--fetch-allow", "127.0.0.0/8", "--drain-timeout", "60s"]).await;

@@ -131,8 +131,7 @@ pub async fn submit(
     State(state): State<AppState>,
     req: axum::extract::Request,
 ) -> Result<(StatusCode, Json<Submitted>), ApiError> {
-    let _slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
-    let (mut parts, body) = read_body(&state, req, BATCH_BODY_LIMIT).await?;
+    let (mut parts, body, _slot) = read_body(&state, req, BATCH_BODY_LIMIT).await?;
     let caller = Caller::from_request_parts(&mut parts, &state).await?;
     caller.require(SCOPE_WRITE)?;
     caller.require(SCOPE_PROCESS)?;

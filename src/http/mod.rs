@@ -237,8 +237,13 @@ fn is_json(media_type: &str) -> bool {
 /// Reads the whole body (at most `limit` bytes) before anything else can fail: a client still
 /// uploading when we answer 401 or 400 would otherwise see a reset connection, not the answer.
 /// A body that arrives more slowly than `state.body_deadline` allows gets 408 and the connection
-/// is closed.
-async fn read_body(state: &AppState, req: Request, limit: usize) -> Result<(Parts, Bytes), ApiError> {
+/// is closed. The body is held in one of the upload slots (returned, to keep while the request
+/// needs its bytes); a body declared too large is refused before waiting for one.
+async fn read_body(
+    state: &AppState,
+    req: Request,
+    limit: usize,
+) -> Result<(Parts, Bytes, tokio::sync::SemaphorePermit<'_>), ApiError> {
     use http_body_util::BodyExt as _;
     let (parts, mut body) = req.into_parts();
     let too_large = || ApiError::too_large(format!("the request body is larger than the {} MB limit", limit >> 20));
@@ -250,6 +255,7 @@ async fn read_body(state: &AppState, req: Request, limit: usize) -> Result<(Part
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
+    let slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
     let started = tokio::time::Instant::now();
     let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
     loop {
@@ -282,7 +288,7 @@ async fn read_body(state: &AppState, req: Request, limit: usize) -> Result<(Part
             buf.extend_from_slice(&data);
         }
     }
-    Ok((parts, buf.freeze()))
+    Ok((parts, buf.freeze(), slot))
 }
 
 pub fn router(state: AppState) -> Router {

@@ -73,8 +73,7 @@ async fn parse_multipart(req: Request, state: &AppState) -> Result<(ProcessReque
 }
 
 pub async fn process(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
-    let _slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
-    let (mut parts, mut bytes) = read_body(&state, req, PROCESS_BODY_LIMIT).await?;
+    let (mut parts, mut bytes, _slot) = read_body(&state, req, PROCESS_BODY_LIMIT).await?;
     let caller = Caller::from_request_parts(&mut parts, &state).await?;
     caller.require(SCOPE_PROCESS)?;
     let headers = parts.headers.clone();

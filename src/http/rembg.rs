@@ -83,9 +83,8 @@ pub async fn get_remove(State(state): State<AppState>, req: Request) -> Result<R
 /// `POST /api/remove` with a multipart `file` (parameters as form fields or in the query).
 pub async fn post_remove(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
     async {
-        let _slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
         let mut fields = query_pairs(&req);
-        let (mut parts, body) = read_body(&state, req, PROCESS_BODY_LIMIT).await?;
+        let (mut parts, body, _slot) = read_body(&state, req, PROCESS_BODY_LIMIT).await?;
         let account = account(&mut parts, &state).await?;
         if content_type(&parts.headers) != "multipart/form-data" {
             return Err(ApiError::bad_request(

@@ -133,8 +133,7 @@ pub async fn removebg(State(state): State<AppState>, req: Request) -> Result<Res
 }
 
 async fn remove(state: AppState, req: Request) -> Result<Response, ApiError> {
-    let _slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
-    let (mut parts, body) = read_body(&state, req, PROCESS_BODY_LIMIT).await?;
+    let (mut parts, body, _slot) = read_body(&state, req, PROCESS_BODY_LIMIT).await?;
     let caller = caller(&mut parts, &state, SCOPE_PROCESS).await?;
     let headers = parts.headers.clone();
     let job = removebg::parse(fields(parts, body, &state).await?)?;
@@ -207,9 +206,7 @@ pub async fn account(State(state): State<AppState>, req: Request) -> Result<Resp
 /// improvement samples to on an appliance).
 pub async fn improve(State(state): State<AppState>, req: Request) -> Result<Response, ApiError> {
     async {
-        // Its body is held in memory like any upload's.
-        let _slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
-        let (mut parts, body) = read_body(&state, req, PROCESS_BODY_LIMIT).await?;
+        let (mut parts, body, _slot) = read_body(&state, req, PROCESS_BODY_LIMIT).await?;
         let caller = caller(&mut parts, &state, SCOPE_PROCESS).await?;
         let fields = fields(parts, body, &state).await?;
         let given: Vec<&(String, Value)> = fields

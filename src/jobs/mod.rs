@@ -56,6 +56,9 @@ impl From<StoreError> for JobError {
         match e {
             StoreError::NoCredits { needed, available } => JobError::NoCredits { needed, available },
             StoreError::NotFound(m) => JobError::NotFound(m),
+            StoreError::Sqlite(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DiskFull) => {
+                JobError::Storage("the data disk is full (database); try again later".into())
+            }
             other => JobError::Internal(other.to_string()),
         }
     }
@@ -380,10 +383,11 @@ impl Jobs {
             Source::Bytes(bytes) => {
                 let name = format!("{id}.img");
                 let path = self.0.settings.inbox_dir.join(&name);
+                let at = path.clone();
                 tokio::task::spawn_blocking(move || write_durably(&path, &bytes))
                     .await
                     .map_err(|e| JobError::Internal(e.to_string()))?
-                    .map_err(|e| JobError::Internal(format!("saving a queued image: {e}")))?;
+                    .map_err(|e| write_error(&at, e))?;
                 (None, Some(name))
             }
         };
@@ -551,8 +555,7 @@ impl Jobs {
                 let path = this.results_dir().join(&file);
                 this.0.stats.inference.observe(cut.timings.inference);
                 let claim = this.claim_space(cut.bytes.len() as u64)?;
-                write_atomically(&path, &cut.bytes)
-                    .map_err(|e| JobError::Internal(format!("writing {}: {e}", path.display())))?;
+                write_durably(&path, &cut.bytes).map_err(|e| write_error(&path, e))?;
                 tracing::debug!(total_ms = cut.timings.total().as_millis() as u64, "cutout written");
                 let done = Done {
                     id,
@@ -893,19 +896,24 @@ fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let name = path.file_name().unwrap_or_default().to_string_lossy();
     let tmp = path.with_file_name(format!(".{name}.partial"));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
+    let written = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        // A full disk must not keep the part that fitted.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
     std::fs::File::open(path.parent().unwrap_or(Path::new(".")))?.sync_all()
 }
 
-/// Writes to a hidden temporary name and renames, so a reader never sees half a file.
-fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.partial"));
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).inspect_err(|_| {
-        let _ = std::fs::remove_file(&tmp);
-    })
+/// A file the daemon could not write: out of space is the documented 507, anything else ours.
+fn write_error(path: &Path, e: std::io::Error) -> JobError {
+    if e.kind() == std::io::ErrorKind::StorageFull || e.kind() == std::io::ErrorKind::QuotaExceeded {
+        return JobError::Storage(format!("the data disk is full ({e}); try again later"));
+    }
+    JobError::Internal(format!("writing {}: {e}", path.display()))
 }

@@ -58,6 +58,19 @@ impl Store {
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         conn.busy_timeout(Duration::from_secs(10))?;
+        // Keep the -wal and -shm files when the last connection closes. Otherwise the next
+        // open recreates them, and on a full data disk that fails: the daemon could not even
+        // start to say so (found by tests/faults.rs).
+        let mut persist: std::ffi::c_int = 1;
+        // SAFETY: a valid open connection, the "main" schema, and an int the call reads.
+        unsafe {
+            rusqlite::ffi::sqlite3_file_control(
+                conn.handle(),
+                c"main".as_ptr(),
+                rusqlite::ffi::SQLITE_FCNTL_PERSIST_WAL,
+                (&mut persist as *mut std::ffi::c_int).cast(),
+            );
+        }
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // Credits and jobs must survive a power cut, not just a crash; commits are few per second.
         conn.pragma_update(None, "synchronous", "FULL")?;
@@ -123,6 +136,10 @@ fn migrate(conn: &mut Connection) -> Result<()> {
             "the database has schema version {done}, newer than this removebgd knows ({}); upgrade removebgd",
             MIGRATIONS.len()
         )));
+    }
+    if done == MIGRATIONS.len() {
+        // Nothing written: opening must work on a full disk too.
+        return Ok(());
     }
     for sql in &MIGRATIONS[done..] {
         tx.execute_batch(sql)?;
