@@ -589,7 +589,9 @@ impl ImageFetcher {
             }
             body.extend_from_slice(&chunk);
         }
-        if !is_image(&body) {
+        // An empty body is handed back: the decoder names it (`empty_image`), which says more
+        // than "not an image" about a camera that served a zero-length file.
+        if !body.is_empty() && !is_image(&body) {
             let detail = "its content is not in any of these formats".to_owned();
             return Err(FetchError::NotAnImage {
                 host: host.to_owned(),

@@ -761,6 +761,16 @@ async fn first_start_creates_a_default_account_and_prints_a_working_key_once() {
         !log.contains(&key) && !log.contains(&key[17..]),
         "the key is not logged"
     );
+    // A second start on the same data directory creates nothing and prints no key.
+    let (mut child, _, _) = spawn_serve(serve_cmd(dir.path()));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut printed).unwrap();
+    assert!(!printed.contains("xbk_live_"), "{printed}");
+    let keys = bin().args(["keys", "list", "--data-dir"]).arg(dir.path().join("data")).output().unwrap();
+    let keys = String::from_utf8(keys.stdout).unwrap();
+    assert_eq!(keys.lines().filter(|l| l.starts_with("xbk_live_")).count(), 1, "{keys}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
