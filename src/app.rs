@@ -183,7 +183,8 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
     bootstrap(&store, &settings)?;
     status(&format!("loading model {}", settings.engine.model));
     // Request bodies are held in memory while they arrive and wait.
-    let bodies = (http::MAX_CONCURRENT_UPLOADS * http::PROCESS_BODY_LIMIT) as u64;
+    let bodies = (http::MAX_CONCURRENT_UPLOADS * http::PROCESS_BODY_LIMIT
+        + http::MAX_CONCURRENT_SMALL_UPLOADS * http::BATCH_BODY_LIMIT) as u64;
     let engine = Arc::new(load_engine(&settings.engine, bodies)?);
     // Between bursts of requests, hand the activation blocks kept for reuse back to the board.
     crate::memory::release_when_idle(IDLE_RELEASE).context("starting the memory release thread")?;
@@ -256,6 +257,7 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
             rate: Arc::new(http::RateLimiter::new(settings.rate_limit, settings.rate_burst)),
             polls: Arc::new(http::PollLimiter::new(settings.batch_poll_interval)),
             uploads: Arc::new(tokio::sync::Semaphore::new(http::MAX_CONCURRENT_UPLOADS)),
+            small_uploads: Arc::new(tokio::sync::Semaphore::new(http::MAX_CONCURRENT_SMALL_UPLOADS)),
             public_url: settings.public_url.clone(),
             fallback_url: fallback.clone(),
             model: model_label.clone(),

@@ -44,14 +44,17 @@ impl Cidr {
     }
 
     /// Host bits are cleared, and a range of IPv4-mapped or -compatible IPv6 addresses becomes the
-    /// IPv4 range it stands for.
+    /// IPv4 range it stands for, but only when every address in it is one: `::2/96` is `::/96`,
+    /// which holds IPv6's own `::` and `::1`, and stays an IPv6 range rather than all of IPv4.
     fn new(addr: IpAddr, prefix: u8) -> Cidr {
-        match (canonical(addr), addr) {
-            (IpAddr::V4(v4), IpAddr::V6(_)) if prefix >= 96 => Cidr::new(IpAddr::V4(v4), prefix - 96),
-            (_, IpAddr::V4(v4)) => Cidr::v4_masked(v4, prefix),
-            (_, IpAddr::V6(v6)) => {
-                let bits = u128::from(v6) & mask_v6(prefix);
-                Cidr::v6(Ipv6Addr::from(bits), prefix)
+        match addr {
+            IpAddr::V4(v4) => Cidr::v4_masked(v4, prefix),
+            IpAddr::V6(v6) => {
+                let network = Ipv6Addr::from(u128::from(v6) & mask_v6(prefix));
+                match canonical(IpAddr::V6(network)) {
+                    IpAddr::V4(v4) if prefix >= 96 => Cidr::v4_masked(v4, prefix - 96),
+                    _ => Cidr::v6(network, prefix),
+                }
             }
         }
     }
@@ -129,19 +132,41 @@ fn canonical(ip: IpAddr) -> IpAddr {
     ip
 }
 
-/// The IPv4 address inside a NAT64 (`64:ff9b::/96`, `64:ff9b:1::/48`) or 6to4 (`2002::/16`)
-/// address.
-fn translated_v4(ip: IpAddr) -> Option<Ipv4Addr> {
-    let IpAddr::V6(v6) = ip else { return None };
-    let bits = u128::from(v6);
-    let s = v6.segments();
-    if bits >> 32 == 0x0064_ff9b_0000_0000_0000_0000 || (s[0], s[1], s[2]) == (0x64, 0xff9b, 1) {
-        return Some(Ipv4Addr::from(bits as u32));
+/// The IPv4 addresses an IPv6 address may carry to a translator: NAT64's well-known prefix
+/// (`64:ff9b::/96`, the last 32 bits), 6to4 (`2002::/16`, bits 16-47) and NAT64's local-use
+/// prefix (`64:ff9b:1::/48`, RFC 8215). A local-use network picks its own prefix length, /48 to
+/// /96, and RFC 6052 places the IPv4 address differently for each (skipping bits 64-71), so every
+/// placement the address fits counts.
+fn translated_v4(ip: IpAddr) -> Vec<Ipv4Addr> {
+    let IpAddr::V6(v6) = ip else { return Vec::new() };
+    let (s, o) = (v6.segments(), v6.octets());
+    let at = |i: [usize; 4]| Ipv4Addr::new(o[i[0]], o[i[1]], o[i[2]], o[i[3]]);
+    if u128::from(v6) >> 32 == 0x0064_ff9b_0000_0000_0000_0000 {
+        return vec![at([12, 13, 14, 15])];
+    }
+    if (s[0], s[1], s[2]) == (0x64, 0xff9b, 1) {
+        // RFC 6052 section 2.2: for /48, /56 and /64 the u-octet (byte 8) and the suffix after
+        // the IPv4 address are zero, so only placements that leave them zero count; /96 always
+        // does. A placement in 0.0.0.0/8 is the zero remainder of another one (`...:a00:0` is
+        // 10.0.0.0 at /96, not 0.0.0.10 at /64), and no destination.
+        let zero = |bytes: std::ops::Range<usize>| o[bytes].iter().all(|&b| b == 0);
+        let placements = [
+            (o[8] == 0 && zero(11..16), [6, 7, 9, 10]),
+            (o[8] == 0 && zero(12..16), [7, 9, 10, 11]),
+            (o[8] == 0 && zero(13..16), [9, 10, 11, 12]),
+            (true, [12, 13, 14, 15]),
+        ];
+        return placements
+            .into_iter()
+            .filter(|&(fits, _)| fits)
+            .map(|(_, bytes)| at(bytes))
+            .filter(|v4| v4.octets()[0] != 0)
+            .collect();
     }
     if s[0] == 0x2002 {
-        return Some(Ipv4Addr::from(((s[1] as u32) << 16) | s[2] as u32));
+        return vec![at([2, 3, 4, 5])];
     }
-    None
+    Vec::new()
 }
 
 /// Why the policy refuses an address.
@@ -215,10 +240,10 @@ impl FetchPolicy {
         if self.allow.iter().any(|cidr| cidr.contains(ip)) {
             return Ok(());
         }
-        if let Some(v4) = translated_v4(ip)
-            && !self.allow.iter().any(|cidr| cidr.contains(IpAddr::V4(v4)))
-        {
-            self.check(IpAddr::V4(v4))?;
+        for v4 in translated_v4(ip) {
+            if !self.allow.iter().any(|cidr| cidr.contains(IpAddr::V4(v4))) {
+                self.check(IpAddr::V4(v4))?;
+            }
         }
         if let Some((_, refusal)) = DEFAULT_REFUSED.iter().find(|(cidr, _)| cidr.contains(ip)) {
             return Err(*refusal);
@@ -736,6 +761,11 @@ mod tests {
             ("fd12:3456::1/32", "fd12:3456::/32"),
             ("::ffff:127.0.0.0/104", "127.0.0.0/8"),
             ("::ffff:10.1.2.3", "10.1.2.3/32"),
+            ("::10.1.2.3/120", "10.1.2.0/24"),
+            // `::/96` also holds `::` and `::1`: not a range of IPv4-compatible addresses, and
+            // not all of IPv4 either.
+            ("::2/96", "::/96"),
+            ("::1/127", "::/127"),
         ] {
             assert_eq!(cidr(input).to_string(), shown, "{input}");
         }
@@ -783,6 +813,10 @@ mod tests {
         assert!(cidr("::/0").contains(ip("2001:db8::1")));
         assert!(cidr("192.168.1.20").contains(ip("192.168.1.20")));
         assert!(!cidr("192.168.1.20").contains(ip("192.168.1.21")));
+        let compat = cidr("::2/96");
+        assert!(!compat.contains(ip("127.0.0.1")), "an IPv6 range that is not all IPv4-compatible");
+        assert!(!compat.contains(ip("8.8.8.8")));
+        assert!(compat.contains(ip("::1")));
         assert!(cidr("2001:db8::1").contains(ip("2001:db8::1")));
         assert!(!cidr("2001:db8::1").contains(ip("2001:db8::2")));
     }
@@ -811,6 +845,11 @@ mod tests {
             ("64:ff9b::7f00:1", Refusal::Loopback),
             ("64:ff9b::a9fe:a9fe", Refusal::LinkLocal),
             ("64:ff9b:1::a9fe:a9fe", Refusal::LinkLocal),
+            // RFC 6052's placements for a local-use NAT64 prefix of /48, /56 and /64: the IPv4
+            // address skips bits 64-71.
+            ("64:ff9b:1:7f00:0:100::", Refusal::Loopback),
+            ("64:ff9b:1:a9:fe:a9fe::", Refusal::LinkLocal),
+            ("64:ff9b:1:0:7f:0:100::", Refusal::Loopback),
             ("2002:7f00:1::", Refusal::Loopback),
             ("2002:c000:202::1", Refusal::OwnAddress),
         ] {
@@ -830,6 +869,9 @@ mod tests {
             "2001:db8::1",
             "::ffff:192.168.1.20",
             "64:ff9b::808:808",
+            "64:ff9b:1::808:808",
+            "64:ff9b:1:808:8:800::",
+            "64:ff9b:1::a00:0",
             "2002:cb00:7109::1",
         ] {
             assert_eq!(policy.check(ip(allowed)), Ok(()), "{allowed}");

@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::rfc3339;
 use crate::config::MqttSettings;
 use crate::jobs::request::parse_json;
-use crate::jobs::{JobError, JobEvent, JobMeta, Jobs, new_id};
+use crate::jobs::{JobError, JobEvent, JobMeta, Jobs, Options, Source, new_id};
 use crate::store::{Enqueued, Outcome, Reply};
 
 /// Largest packet accepted from the broker: a 10 MiB image as base64 plus JSON, with room to
@@ -424,6 +424,49 @@ async fn stats_message(ctx: &MqttContext, counters: &Counters, topics: &Topics) 
     plain(topics.stats(), body)
 }
 
+/// A submission payload, validated: the submitter's `ref` (if any) and the job.
+#[derive(Debug)]
+pub struct Submission {
+    pub client_ref: Option<String>,
+    pub source: Source,
+    pub opts: Options,
+}
+
+/// Parses and validates a submission payload (the JSON of `POST /process` plus `ref`), without
+/// queueing it. A refusal carries the `ref` to answer under (none when the `ref` itself is bad).
+pub fn parse_submission(payload: &[u8]) -> Result<Submission, (Option<String>, JobError)> {
+    let request = parse_json(payload).map_err(|e| (None, e))?;
+    let client_ref = request.client_ref.clone().filter(|r| !r.is_empty());
+    // The ref names the answer's topic (`<prefix>/results/<ref>`): one topic level, and nothing
+    // a broker refuses as malformed (MQTT 5.0, 1.5.4). Mosquitto disconnects a client that
+    // publishes such a topic, and the session would publish it again after every reconnect.
+    if let Some(r) = &client_ref
+        && (r.len() > 200 || r.contains(['/', '+', '#']) || r.chars().any(not_in_topics))
+    {
+        let message = "ref must be at most 200 characters without /, +, # or control characters".to_owned();
+        return Err((
+            None,
+            JobError::Invalid {
+                code: "invalid_request",
+                message,
+            },
+        ));
+    }
+    let (source, opts) = request.into_job(None).map_err(|e| (client_ref.clone(), e))?;
+    Ok(Submission {
+        client_ref,
+        source,
+        opts,
+    })
+}
+
+/// Characters MQTT lets a broker refuse in a topic: control characters (U+0000 among them) and
+/// the Unicode non-characters.
+fn not_in_topics(c: char) -> bool {
+    let u = u32::from(c);
+    c.is_control() || (0xFDD0..=0xFDEF).contains(&u) || u & 0xFFFE == 0xFFFE
+}
+
 /// Validates and queues one submission. Returns the answer to publish when it is refused.
 async fn submit(p: &Publish, ctx: &MqttContext, topics: &Topics, counters: &Counters) -> Option<Outgoing> {
     let reply = Reply {
@@ -447,20 +490,13 @@ async fn submit(p: &Publish, ctx: &MqttContext, topics: &Topics, counters: &Coun
     // Size is bounded by MAX_INCOMING_PACKET; an image over the limit is refused (with the
     // submitter's ref) by the same check as over HTTP, before it is decoded.
     let id = new_id("rbg");
-    let request = match parse_json(&p.payload) {
-        Ok(r) => r,
-        Err(e) => return Some(refuse(&id, None, e.code(), e.to_string())),
-    };
-    let client_ref = request.client_ref.clone().filter(|r| !r.is_empty());
-    if let Some(r) = &client_ref
-        && (r.len() > 200 || r.contains(['/', '+', '#']))
-    {
-        let msg = "ref must be at most 200 characters without /, + or #".to_owned();
-        return Some(refuse(&id, None, "invalid_request", msg));
-    }
-    let (source, opts) = match request.into_job(None) {
-        Ok(v) => v,
-        Err(e) => return Some(refuse(&id, client_ref.as_deref(), e.code(), e.to_string())),
+    let Submission {
+        client_ref,
+        source,
+        opts,
+    } = match parse_submission(&p.payload) {
+        Ok(s) => s,
+        Err((client_ref, e)) => return Some(refuse(&id, client_ref.as_deref(), e.code(), e.to_string())),
     };
     let dedupe = match &client_ref {
         Some(r) => format!("ref:{r}"),
@@ -573,5 +609,46 @@ fn answer(topics: &Topics, id: &str, client_ref: Option<&str>, reply: &Reply, bo
             }),
         },
         None => plain(topics.result(client_ref.unwrap_or(id)), body),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused_ref(payload: &[u8]) -> Option<String> {
+        match parse_submission(payload) {
+            Ok(s) => panic!("accepted, with ref {:?}", s.client_ref),
+            Err((client_ref, e)) => {
+                assert_eq!(e.code(), "invalid_request", "{e}");
+                client_ref
+            }
+        }
+    }
+
+    /// fuzz/regressions/mqtt_submission/ref-control-character.json: a ref with U+001F was
+    /// accepted, and its answer's topic made mosquitto drop the daemon's connection.
+    #[test]
+    fn a_ref_that_cannot_be_a_topic_level_is_refused() {
+        let found = include_bytes!("../fuzz/regressions/mqtt_submission/ref-control-character.json");
+        assert_eq!(refused_ref(found), None, "answered under the job id, not the bad ref");
+        for r in [
+            "a\\u0000b",
+            "\\u0001",
+            "a\\u007f",
+            "\\u0085",
+            "x\\ufffe",
+            "\\ufdd0",
+            "\\ud83f\\udfff",
+            "a/b",
+            "a+",
+            "#",
+        ] {
+            let payload = format!(r#"{{"image_url": "http://192.168.1.20/a.jpg", "ref": "{r}"}}"#);
+            assert_eq!(refused_ref(payload.as_bytes()), None, "{r}");
+        }
+        let ok = br#"{"image_url": "http://192.168.1.20/a.jpg", "ref": "shot-1 \u00e9\u2603"}"#;
+        let s = parse_submission(ok).unwrap();
+        assert_eq!(s.client_ref.as_deref(), Some("shot-1 \u{e9}\u{2603}"));
     }
 }

@@ -384,15 +384,11 @@ async fn the_results_cap_evicts_the_soonest_expiring_then_refuses_when_only_youn
         "the cutout ({size} bytes) must be large enough for a cap in whole MB"
     );
 
-    let min_keep = 8;
+    // An hour's minimum keep: the results made here are young throughout, however slow the
+    // machine. The two that may give way are aged in the database instead of by waiting.
     let d = Daemon::start(
         10,
-        &[
-            "--results-max-mb",
-            &cap_mb.to_string(),
-            "--results-min-keep",
-            &format!("{min_keep}s"),
-        ],
+        &["--results-max-mb", &cap_mb.to_string(), "--results-min-keep", "1h"],
     )
     .await;
     let key = d.key("shop", ALL_SCOPES);
@@ -406,18 +402,32 @@ async fn the_results_cap_evicts_the_soonest_expiring_then_refuses_when_only_youn
     let (_, _, a) = process().await;
     let (_, _, b) = process().await;
     assert!(file_of(&a).is_file() && file_of(&b).is_file(), "{a} {b}");
-    tokio::time::sleep(Duration::from_secs(min_keep + 1)).await;
+    // `a` is the older (finished 3 h ago) but expires last (in 20 h); `b` finished 2 h ago and
+    // expires in 1 h. Soonest to expire goes first: `b`, though `a` is older.
+    let now = removebgd::clock::now();
+    let db = rusqlite::Connection::open(d.data().join("removebgd.db")).unwrap();
+    for (v, finished_ago, expires_in) in [(&a, 3 * 3600, 20 * 3600), (&b, 2 * 3600, 3600)] {
+        let id = v["id"].as_str().unwrap();
+        let (finished, expires) = (now - finished_ago, now + expires_in);
+        db.execute("UPDATE jobs SET finished_at = ?2, expires_at = ?3 WHERE id = ?1", (id, finished, expires))
+            .unwrap();
+        let n = db
+            .execute("UPDATE results SET expires_at = ?2 WHERE job_id = ?1", (id, expires))
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+    drop(db);
 
     let (s, _, c) = process().await;
     assert_eq!(s, StatusCode::OK, "{c}");
-    assert!(!file_of(&a).exists(), "the soonest-expiring result made room");
-    let gone = d.client.get(a["result_url"].as_str().unwrap()).send().await.unwrap();
+    assert!(!file_of(&b).exists(), "the soonest-expiring result made room");
+    let gone = d.client.get(b["result_url"].as_str().unwrap()).send().await.unwrap();
     assert_eq!(gone.status(), StatusCode::NOT_FOUND);
-    assert!(file_of(&b).is_file());
+    assert!(file_of(&a).is_file(), "the oldest result stays: it expires later");
 
     let (s, _, e) = process().await;
     assert_eq!(s, StatusCode::OK, "{e}");
-    assert!(!file_of(&b).exists(), "b was old enough to give way");
+    assert!(!file_of(&a).exists(), "a was old enough to give way");
 
     // Only results younger than the minimum remain: refuse rather than overfill.
     let (s, h, v) = process().await;

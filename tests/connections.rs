@@ -339,7 +339,7 @@ fn the_connection_settings_are_checked_at_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_body_declared_too_large_is_refused_without_waiting_for_an_upload_slot() {
+async fn a_body_declared_too_large_and_a_batch_submission_do_not_wait_for_a_photo_upload_slot() {
     let d = Daemon::start(10, &[]).await;
     let key = d.key("shop", ALL_SCOPES);
     // Eight uploads hold every upload slot while their bodies arrive.
@@ -361,8 +361,18 @@ async fn a_body_declared_too_large_is_refused_without_waiting_for_an_upload_slot
     let k = tokio::time::timeout(Duration::from_secs(30), c.read(&mut answer)).await.expect("answered while the slots are held").unwrap();
     let answer = String::from_utf8_lossy(&answer[..k]).into_owned();
     assert!(answer.starts_with("HTTP/1.1 413 "), "{answer}");
+    // Batch bodies (at most 1 MiB) have slots of their own.
+    let batch = serde_json::json!({"images": [{"url": "http://127.0.0.1:9/a.jpg"}]});
+    let (s, _, v) = tokio::time::timeout(Duration::from_secs(30), d.post_json("/v1/removebg/batch", &key, &batch))
+        .await
+        .expect("a batch submission is answered while the photo upload slots are held");
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     for h in held {
         assert!(h.finish().await.starts_with("HTTP/1.1 200 "));
     }
-    assert_eq!(d.credits("shop"), (8, 0));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while d.credits("shop") != (8, 0) {
+        assert!(Instant::now() < deadline, "the batch item never settled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }

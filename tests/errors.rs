@@ -11,7 +11,6 @@ use std::time::{Duration, Instant};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use common::*;
 use daemon::*;
 use serde_json::{Value, json};
 
@@ -178,7 +177,8 @@ async fn a_batch_whose_items_all_fail_ends_failed_with_each_items_code_and_its_c
         )
         .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    assert_eq!(d.credits("shop"), (0, 3), "reserved at submit");
+    // The items may already have failed (and given their credits back) by now: nothing is spent.
+    assert_eq!(d.credits("shop").0, 0, "nothing charged at submit");
     let id = v["job_id"].as_str().unwrap().to_owned();
     let deadline = Instant::now() + Duration::from_secs(60);
     let v = loop {

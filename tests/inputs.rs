@@ -259,6 +259,10 @@ fn cutouts_over_the_memory_bound_take_turns_and_one_that_cannot_fit_is_refused()
     });
     assert!(outputs.iter().all(|o| *o == want), "a bounded cutout differs");
     assert_eq!(engine.image_memory_reserved(), 0, "every reservation was returned");
+    // Three at once where one fits: the others waited, and the bound was never exceeded.
+    let (waits, peak) = engine.image_memory_waits_and_peak();
+    assert!(waits >= 1, "no cutout waited for room");
+    assert!(peak <= pixels * 15 && peak > 0, "{peak} reserved at once, bound {}", pixels * 15);
 
     let webp = CutOptions {
         format: OutputFormat::Webp,

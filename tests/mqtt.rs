@@ -21,29 +21,50 @@ struct Broker {
     child: Option<Child>,
     port: u16,
     dir: tempfile::TempDir,
+    persistence: bool,
 }
 
 impl Broker {
     fn start() -> Broker {
+        Broker::with(false)
+    }
+
+    /// A broker that keeps sessions and queued messages across a graceful restart (SIGTERM
+    /// writes them to disk): a persistent watcher misses nothing published while it reconnects.
+    fn persistent() -> Broker {
+        Broker::with(true)
+    }
+
+    fn with(persistence: bool) -> Broker {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        let mut b = Broker { child: None, port, dir };
+        let mut b = Broker {
+            child: None,
+            port,
+            dir,
+            persistence,
+        };
         b.launch();
         b
     }
 
     fn launch(&mut self) {
         let conf = self.dir.path().join("mosquitto.conf");
+        let persistence = if self.persistence {
+            // Started as root, mosquitto drops to its own user before it saves the sessions.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(self.dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+            format!("persistence true\npersistence_location {}/\n", self.dir.path().display())
+        } else {
+            "persistence false\n".to_owned()
+        };
         std::fs::write(
             &conf,
-            format!(
-                "listener {} 127.0.0.1\nallow_anonymous true\npersistence false\n",
-                self.port
-            ),
+            format!("listener {} 127.0.0.1\nallow_anonymous true\n{persistence}", self.port),
         )
         .unwrap();
         let child = Command::new("mosquitto")
@@ -65,6 +86,15 @@ impl Broker {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+    }
+
+    /// Stops the broker with SIGTERM, which lets it save its sessions, and waits for it.
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: a signal to our own child process.
+            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+            c.wait().unwrap();
         }
     }
 
@@ -146,6 +176,58 @@ async fn next(rx: &mut mpsc::UnboundedReceiver<Msg>, secs: u64, pred: impl Fn(&M
             return m;
         }
     }
+}
+
+/// A watcher with a persistent session (clean start off, an hour's expiry) subscribed to
+/// `filter` once: on a [`Broker::persistent`] it receives every message published to the
+/// filter, across broker restarts. Messages arrive as (topic, JSON body).
+async fn persistent_watch(broker: &Broker, name: &str, filter: &str) -> mpsc::UnboundedReceiver<(String, Value)> {
+    let mut opts = MqttOptions::new(name, "127.0.0.1", broker.port);
+    opts.set_clean_start(false).set_session_expiry_interval(Some(3600));
+    let (client, mut el) = AsyncClient::new(opts, 64);
+    let (tx, rx) = mpsc::unbounded_channel::<(String, Value)>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let mut ready = Some(ready_tx);
+    let filter = filter.to_owned();
+    tokio::spawn(async move {
+        let mut subscribed = false;
+        loop {
+            match el.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) if !subscribed => {
+                    client.subscribe(filter.clone(), QoS::AtLeastOnce).await.unwrap();
+                    subscribed = true;
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(r) = ready.take() {
+                        let _ = r.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    let body = serde_json::from_slice(&p.payload)
+                        .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&p.payload).into_owned()));
+                    if tx.send((String::from_utf8_lossy(&p.topic).into_owned(), body)).is_err() {
+                        return;
+                    }
+                }
+                Ok(Event::Incoming(Packet::ConnAck(c))) => {
+                    assert!(c.session_present, "the broker lost the watcher's session: {c:?}")
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), ready_rx).await.expect("subscribed").unwrap();
+    rx
+}
+
+/// The node's stats message, asked for now.
+async fn stats_of(broker: &Broker, node: &str) -> Value {
+    let (c, mut rx) = watch(broker, &format!("stats-{node}"), &[&format!("removebg/{node}/stats")]).await;
+    c.publish(format!("removebg/{node}/stats/get"), QoS::AtLeastOnce, false, "now")
+        .await
+        .unwrap();
+    next(&mut rx, 30, |m| m.body["node"] == node).await.body
 }
 
 /// A daemon connected to `broker`, returned once it is online (and so subscribed).
@@ -342,11 +424,7 @@ async fn http_keeps_working_while_the_broker_is_down_and_queued_events_arrive_af
     }
     assert_eq!(mqtt_connected(&d).await, "1", "/metrics shows the link up");
     broker.stop();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while mqtt_connected(&d).await != "0" {
-        assert!(Instant::now() < deadline, "/metrics never showed the link down");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_link_down(&d).await;
     let mut ids = Vec::new();
     for _ in 0..2 {
         let (s, _, v) = d.post_json("/v1/removebg/process", &key, &image_json()).await;
@@ -363,6 +441,15 @@ async fn http_keeps_working_while_the_broker_is_down_and_queued_events_arrive_af
         let topic = format!("removebg/nodeE/jobs/{id}");
         let m = next(&mut rx, 30, |m| m.topic == topic && m.body["status"] == "completed").await;
         assert!(m.body["result_url"].as_str().unwrap().ends_with(".png"));
+    }
+}
+
+/// Returns once the node's /metrics shows the broker link down.
+async fn wait_link_down(d: &Daemon) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mqtt_connected(d).await != "0" {
+        assert!(Instant::now() < deadline, "/metrics never showed the link down");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -577,4 +664,225 @@ async fn a_submission_with_extensions_runs_them_from_the_queue() {
     let p = img.into_rgb8().get_pixel(0, 0).0;
     assert!(p.iter().all(|&c| c > 240), "{p:?}");
     assert_eq!(d.credits("shop"), (1, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_stopped_and_restarted_every_2s_for_60s_costs_http_nothing_and_loses_no_job_event() {
+    // The broker keeps sessions and queued messages across its restarts (persistence on, and a
+    // graceful stop writes them), so every event the node hands it reaches the watcher: what is
+    // checked is the node's side, that none is dropped on the way.
+    let mut broker = Broker::persistent();
+    let d = node(&broker, "nodeF", 100_000).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let mut rx = persistent_watch(&broker, "flap-watcher", "removebg/nodeF/jobs/#").await;
+
+    // 60 s: the broker is stopped and started again every 2 s while a client keeps sending
+    // photos over HTTP.
+    let started = Instant::now();
+    let mut ids = Vec::new();
+    let mut flaps = 0;
+    let mut next_flap = Instant::now() + Duration::from_secs(2);
+    while started.elapsed() < Duration::from_secs(60) {
+        if Instant::now() >= next_flap {
+            broker.terminate();
+            broker.launch();
+            flaps += 1;
+            next_flap = Instant::now() + Duration::from_secs(2);
+        }
+        let (s, _, v) = d.post_json("/v1/removebg/process", &key, &image_json()).await;
+        assert_eq!(s, StatusCode::OK, "HTTP is unaffected: {v}");
+        ids.push(v["id"].as_str().unwrap().to_owned());
+    }
+    assert!(flaps >= 25, "{flaps} flaps");
+    // Then the broker stays up: every job's completed event arrives (the node reconnects within
+    // its 30 s backoff cap and sends what it queued).
+    let mut missing: std::collections::BTreeSet<String> = ids.iter().cloned().collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while !missing.is_empty() {
+        let (topic, body) = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {} completed events never arrived", missing.len(), ids.len()))
+            .unwrap();
+        if body["status"] == "completed" {
+            missing.remove(topic.rsplit('/').next().unwrap());
+        }
+    }
+    let stats = stats_of(&broker, "nodeF").await;
+    assert_eq!(stats["dropped_events"], 0, "{stats}");
+    eprintln!("broker flapped {flaps} times in 60 s; {} HTTP jobs, all answered 200; every completed event arrived", ids.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_submissions_are_answered_and_counted_and_a_ref_less_repeat_runs_once() {
+    let broker = Broker::start();
+    let d = node(&broker, "nodeK", 5).await;
+    let (rig, mut answers) = watch(&broker, "rig-k", &["rig/k/#"]).await;
+    let send = |payload: String, corr: &'static str| {
+        let rig = rig.clone();
+        async move {
+            let props = PublishProperties {
+                response_topic: Some(format!("rig/k/{corr}")),
+                correlation_data: Some(Bytes::from_static(corr.as_bytes())),
+                ..Default::default()
+            };
+            rig.publish_with_properties("removebg/jobs/submit", QoS::AtLeastOnce, false, payload, props)
+                .await
+                .unwrap();
+        }
+    };
+    // Refusals: each answered on its response topic with the HTTP API's code, none charged.
+    let with_ref = |r: &str| {
+        let mut job = image_json();
+        job["ref"] = json!(r);
+        job.to_string()
+    };
+    let refused = [
+        ("not json".to_owned(), "b1", "malformed_json"),
+        (json!({"image_url": "http://10.0.0.1/a.jpg", "nope": 1}).to_string(), "b2", "invalid_request"),
+        (with_ref("a/b"), "b3", "invalid_request"),
+        (with_ref("bell\u{7}"), "b4", "invalid_request"),
+        (with_ref(&"r".repeat(201)), "b5", "invalid_request"),
+        (with_ref("wild+card"), "b6", "invalid_request"),
+    ];
+    for (payload, corr, code) in &refused {
+        send(payload.clone(), corr).await;
+        let topic = format!("rig/k/{corr}");
+        let m = next(&mut answers, 30, |m| m.topic == topic).await;
+        assert_eq!(
+            (m.body["status"].as_str(), m.body["error"]["code"].as_str()),
+            (Some("failed"), Some(*code)),
+            "{corr}: {}",
+            m.body
+        );
+        assert_eq!(m.correlation.as_deref(), Some(corr.as_bytes()));
+    }
+    // The longest ref allowed is fine.
+    send(with_ref(&"r".repeat(200)), "ok200").await;
+    let m = next(&mut answers, 60, |m| m.topic == "rig/k/ok200").await;
+    assert_eq!((m.body["status"].as_str(), m.body["ref"].as_str().map(str::len)), (Some("completed"), Some(200)));
+
+    // Without a ref, the same payload, response topic and correlation data is the same
+    // submission: not run again, answered again with the same job.
+    let plain = image_json().to_string();
+    send(plain.clone(), "same").await;
+    let first = next(&mut answers, 60, |m| m.topic == "rig/k/same").await;
+    assert_eq!(first.body["status"], "completed", "{}", first.body);
+    send(plain.clone(), "same").await;
+    let again = next(&mut answers, 60, |m| m.topic == "rig/k/same").await;
+    assert_eq!(
+        (&again.body["id"], &again.body["result_url"]),
+        (&first.body["id"], &first.body["result_url"])
+    );
+    // Different correlation data makes it a different submission.
+    send(plain, "other").await;
+    let other = next(&mut answers, 60, |m| m.topic == "rig/k/other").await;
+    assert_eq!(other.body["status"], "completed", "{}", other.body);
+    assert_ne!(other.body["id"], first.body["id"]);
+
+    assert_eq!(d.credits("shop"), (3, 0), "the 200-character ref, the first plain one and the other");
+    let stats = stats_of(&broker, "nodeK").await;
+    assert_eq!(stats["bad_submissions"], refused.len(), "{stats}");
+    assert_eq!(stats["dropped_events"], 0, "{stats}");
+}
+
+/// The messages that arrive on `rx`: the first within `first` seconds, then until `quiet`
+/// seconds pass without one.
+async fn drain(rx: &mut mpsc::UnboundedReceiver<(String, Value)>, first: u64, quiet: u64) -> Vec<(String, Value)> {
+    let mut got = Vec::new();
+    let mut wait = Duration::from_secs(first);
+    while let Ok(m) = tokio::time::timeout(wait, rx.recv()).await {
+        got.push(m.expect("the watcher stopped"));
+        wait = Duration::from_secs(quiet);
+    }
+    assert!(!got.is_empty(), "nothing arrived within {first} s");
+    got
+}
+
+/// Job and batch messages only (not availability or stats).
+fn job_messages(all: &[(String, Value)]) -> Vec<(String, Value)> {
+    all.iter()
+        .filter(|(t, _)| t.contains("/jobs/") || t.contains("/batch/"))
+        .cloned()
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_broker_is_away_the_newest_1000_messages_wait_and_older_ones_are_counted_as_dropped() {
+    let mut broker = Broker::persistent();
+    let d = node(&broker, "nodeL", 500).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let mut rx = persistent_watch(&broker, "drop-watcher", "removebg/nodeL/#").await;
+    // Every message one batch of 100 failing items produces, counted with the broker up.
+    let batch = |tag: &str| {
+        let images: Vec<Value> = (0..100)
+            .map(|i| json!({"url": format!("http://127.0.0.1:9/{tag}-{i}.jpg"), "id": format!("{tag}-{i}")}))
+            .collect();
+        json!({"images": images})
+    };
+    let run = |body: Value| {
+        let d = &d;
+        let key = key.clone();
+        async move {
+            let (s, _, v) = d.post_json("/v1/removebg/batch", &key, &body).await;
+            assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+            v["job_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let wait_batch = |id: String| {
+        let d = &d;
+        let key = key.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(120);
+            loop {
+                let (s, h, v) = d.get(&format!("/v1/removebg/batch/{id}"), &key).await;
+                if s == StatusCode::OK && v["status"] != "processing" {
+                    assert_eq!(v["failed"], 100, "{v}");
+                    return;
+                }
+                assert!(Instant::now() < deadline, "the batch never finished: {v}");
+                let wait = h.get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(2);
+                tokio::time::sleep(Duration::from_secs(wait)).await;
+            }
+        }
+    };
+    let id = run(batch("up")).await;
+    wait_batch(id.clone()).await;
+    let per_batch = job_messages(&drain(&mut rx, 30, 3).await).len();
+    assert!(per_batch >= 200, "{per_batch} messages for 100 items");
+
+    // The broker goes away; four such batches make more than the queue's 1000 messages.
+    broker.terminate();
+    wait_link_down(&d).await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(run(batch(&format!("down{i}"))).await);
+    }
+    for id in &ids {
+        wait_batch(id.clone()).await;
+    }
+    let produced = 4 * per_batch;
+    broker.launch();
+    // What arrives: the newest messages, the last batch's final progress among them.
+    // The node reconnects within its backoff (at most 30 s), then sends what it kept.
+    let delivered = job_messages(&drain(&mut rx, 90, 5).await);
+    let received = delivered.len();
+    let mut per_id = std::collections::HashMap::<String, usize>::new();
+    for (_, body) in &delivered {
+        let batch = body["batch_id"].as_str().or(body["job_id"].as_str()).unwrap_or_default();
+        *per_id.entry(batch.to_owned()).or_default() += 1;
+    }
+    let stats = stats_of(&broker, "nodeL").await;
+    let dropped = stats["dropped_events"].as_u64().unwrap() as usize;
+    eprintln!("{per_batch} messages per batch; {produced} produced while away, {received} delivered, {dropped} dropped; per batch {per_id:?}");
+    assert!(dropped > 0, "{stats}");
+    assert!(received <= 1000, "{received} delivered from a queue of 1000");
+    // Every message is either delivered or counted; the queue may also have held a stats
+    // message or two (every 30 s), which take a place and may be dropped instead.
+    assert!(
+        (produced..=produced + 2).contains(&(received + dropped)),
+        "{received} delivered + {dropped} dropped != {produced} produced"
+    );
+    // The oldest are the ones dropped: the last batch arrives whole, the first does not.
+    assert_eq!(per_id.get(&ids[3]).copied(), Some(per_batch), "{per_id:?}");
+    assert!(per_id.get(&ids[0]).copied().unwrap_or(0) < per_batch, "{per_id:?}");
 }

@@ -3,6 +3,7 @@
 //! more than a small board has. A cutout reserves its estimated bytes here before it decodes and
 //! waits while others hold too much; one that could never fit is refused.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 
 /// Bytes a cutout may reserve, and how many are reserved now.
@@ -10,6 +11,10 @@ pub struct MemoryBudget {
     capacity: u64,
     reserved: Mutex<u64>,
     freed: Condvar,
+    /// Reservations that had to wait for room.
+    waits: AtomicU64,
+    /// The most ever reserved at once.
+    peak: AtomicU64,
 }
 
 /// A reservation, returned to the budget when dropped.
@@ -24,6 +29,8 @@ impl MemoryBudget {
             capacity,
             reserved: Mutex::new(0),
             freed: Condvar::new(),
+            waits: AtomicU64::new(0),
+            peak: AtomicU64::new(0),
         }
     }
 
@@ -39,6 +46,9 @@ impl MemoryBudget {
             return None;
         }
         let mut reserved = self.lock();
+        if reserved.saturating_add(bytes) > self.capacity {
+            self.waits.fetch_add(1, Ordering::Relaxed);
+        }
         while reserved.saturating_add(bytes) > self.capacity {
             reserved = self
                 .freed
@@ -46,12 +56,23 @@ impl MemoryBudget {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
         }
         *reserved += bytes;
+        self.peak.fetch_max(*reserved, Ordering::Relaxed);
         Some(Reservation { budget: self, bytes })
     }
 
     /// Bytes reserved now.
     pub fn reserved(&self) -> u64 {
         *self.lock()
+    }
+
+    /// How many reservations have had to wait for room.
+    pub fn waits(&self) -> u64 {
+        self.waits.load(Ordering::Relaxed)
+    }
+
+    /// The most bytes ever reserved at once.
+    pub fn peak(&self) -> u64 {
+        self.peak.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> MutexGuard<'_, u64> {
@@ -98,15 +119,23 @@ mod tests {
                 drop(r);
                 seen
             });
-            // The pauses give a broken budget time to let the waiter in early; a working one
-            // cannot, whatever the timing.
-            std::thread::sleep(Duration::from_millis(50));
+            wait_for(|| b.waits() == 1);
             drop(small);
+            // A broken budget would let the waiter in now (20 free beside 70 held; it needs 50).
+            // The pause gives it the time to; a working one cannot, whatever the timing.
             std::thread::sleep(Duration::from_millis(50));
             assert!(!waiter.is_finished(), "50 more fitted while 70 of 100 were held");
             drop(first);
             assert_eq!(waiter.join().unwrap(), 50);
         });
-        assert_eq!(b.reserved(), 0);
+        assert_eq!((b.reserved(), b.waits(), b.peak()), (0, 1, 100));
+    }
+
+    fn wait_for(done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "timed out");
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 }

@@ -129,6 +129,12 @@ fn open(bytes: &[u8], max_pixels: u64) -> Result<impl ImageDecoder + '_, ImageEr
             "JPEG data ends before its end-of-image marker".into(),
         ));
     }
+    // image-webp allocates a metadata chunk (EXIF, read for the orientation) at its declared
+    // size before reading it: 1.6 KB declaring a 2.4 GB chunk aborted the process when the
+    // allocation failed (fuzz/regressions/image_header). Such a file is cut short anyway.
+    if format == ImageFormat::WebP && !webp_chunks_fit(bytes) {
+        return Err(ImageError::Corrupt("a WebP chunk runs past the end of the data".into()));
+    }
     let mut reader = ImageReader::with_format(Cursor::new(bytes), format);
     let mut limits = Limits::default();
     // Room for a 16-bit RGBA frame of the largest accepted size, plus the codec's own buffers.
@@ -252,6 +258,23 @@ fn jpeg_has_end_of_image(b: &[u8]) -> bool {
     false
 }
 
+/// Whether each chunk of a WebP file (`RIFF` size `WEBP`, then chunks: fourcc, size as u32 LE,
+/// data padded to an even length) that lies within the RIFF size ends within `b`.
+fn webp_chunks_fit(b: &[u8]) -> bool {
+    let Some(riff) = b.get(4..8) else { return false };
+    let riff_end = (u32::from_le_bytes(riff.try_into().expect("4 bytes")) as usize).saturating_add(8);
+    let end = b.len().min(riff_end);
+    let mut i = 12;
+    while i + 8 <= end {
+        let size = u32::from_le_bytes(b[i + 4..i + 8].try_into().expect("4 bytes")) as usize;
+        if size > b.len() - i - 8 {
+            return false;
+        }
+        i += 8 + size + (size & 1);
+    }
+    true
+}
+
 /// Output container for cutouts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -371,6 +394,33 @@ mod tests {
         let mut trailer = whole.clone();
         trailer.extend_from_slice(b"trailing data some cameras append");
         assert!(jpeg_has_end_of_image(&trailer));
+    }
+
+    /// fuzz/regressions/image_header/webp-exif-chunk-2gb.webp: a real lossless WebP (a seed)
+    /// whose EXIF chunk declares 2,382,364,698 bytes. Reading the orientation allocated that
+    /// much, and the process aborted where the system could not provide it. Refused at the
+    /// headers now, before any decoder runs.
+    #[test]
+    fn a_webp_chunk_larger_than_the_file_is_refused_before_decoding() {
+        let found = include_bytes!("../../fuzz/regressions/image_header/webp-exif-chunk-2gb.webp");
+        for result in [
+            header(found, 50_000_000).map(|_| ()),
+            decode(found, 50_000_000).map(|_| ()),
+        ] {
+            match result {
+                Err(e @ ImageError::Corrupt(_)) => assert!(e.to_string().contains("past the end"), "{e}"),
+                other => panic!("expected corrupt_image, got {other:?}"),
+            }
+        }
+        // With its EXIF chunk's true size (26 bytes) its headers are read again.
+        let mut fixed = found.to_vec();
+        let exif = fixed.len() - 34;
+        assert_eq!(&fixed[exif..exif + 4], b"EXIF");
+        fixed[exif + 4..exif + 8].copy_from_slice(&26u32.to_le_bytes());
+        assert!(webp_chunks_fit(&fixed));
+        let h = header(&fixed, 50_000_000).unwrap();
+        assert_eq!((h.width, h.height), (40, 27));
+        assert!(!webp_chunks_fit(&fixed[..fixed.len() - 1]), "the EXIF chunk cut short");
     }
 
     #[test]

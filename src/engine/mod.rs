@@ -209,6 +209,12 @@ impl Engine {
         self.images.reserved()
     }
 
+    /// How many cutouts have waited for room under the memory bound, and the most bytes the
+    /// cutouts in flight ever held at once (by their estimate).
+    pub fn image_memory_waits_and_peak(&self) -> (u64, u64) {
+        (self.images.waits(), self.images.peak())
+    }
+
     /// The largest input a cutout to `format` may have: `--max-pixels`, or less when the
     /// memory bound is lower (for an 8-bit RGB input such as a JPEG).
     pub fn max_pixels(&self, format: OutputFormat) -> u64 {

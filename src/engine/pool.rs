@@ -175,7 +175,13 @@ mod tests {
                 pool.submit(move || {
                     let n = now.fetch_add(1, Ordering::SeqCst) + 1;
                     peak.fetch_max(n, Ordering::SeqCst);
-                    std::thread::sleep(Duration::from_millis(20));
+                    // The first two wait for each other (as two workers let them), however
+                    // slowly the threads start; the others overlap as they may.
+                    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                    while i < 2 && peak.load(Ordering::SeqCst) < 2 && std::time::Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    std::thread::sleep(Duration::from_millis(5));
                     now.fetch_sub(1, Ordering::SeqCst);
                     i * 10
                 })
@@ -216,17 +222,22 @@ mod tests {
         let g = Arc::clone(&gate);
         let task = pool.submit(move || {
             g.wait();
-            std::thread::sleep(Duration::from_millis(120));
+            g.wait();
         });
-        gate.wait();
+        gate.wait(); // the task is running until the second wait
         assert!(!pool.stalled(Duration::from_secs(60)));
         std::thread::sleep(Duration::from_millis(60));
         assert!(
             pool.stalled(Duration::from_millis(30)),
             "running for longer than the limit"
         );
+        gate.wait();
         task.wait().unwrap();
-        std::thread::sleep(Duration::from_millis(20));
+        // The worker clears its start time just after handing the result over.
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while pool.stalled(Duration::from_millis(1)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         assert!(!pool.stalled(Duration::from_millis(1)), "an idle pool is not stalled");
     }
 

@@ -173,6 +173,13 @@ pub async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError
     );
     metrics::single(
         &mut out,
+        "removebgd_image_memory_waits_total",
+        "counter",
+        "Images that waited for room under the memory limit before they were decoded.",
+        jobs.engine().image_memory_waits_and_peak().0,
+    );
+    metrics::single(
+        &mut out,
         "removebgd_image_memory_limit_bytes",
         "gauge",
         "Memory the images being processed may reserve between them.",

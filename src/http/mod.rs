@@ -25,6 +25,7 @@ use axum::routing::{get, post};
 pub use auth::{PollLimiter, RateLimiter};
 pub use error::ApiError;
 pub use health::RequestMetrics;
+pub use process::parse_multipart as process_form;
 pub use rembg::RembgApi;
 
 use crate::jobs::Jobs;
@@ -37,6 +38,10 @@ pub const BATCH_BODY_LIMIT: usize = 1024 * 1024;
 /// Request bodies being received or waiting for their job at once; more wait their turn, so a
 /// burst of uploads cannot hold more than about this many x 15 MiB in memory.
 pub const MAX_CONCURRENT_UPLOADS: usize = 8;
+/// Request bodies of at most [`BATCH_BODY_LIMIT`] (batch submissions) being received at once.
+/// They have slots of their own, so a batch of URLs is not queued behind photo uploads that hold
+/// theirs until their cutout is done; 16 x 1 MiB at most.
+pub const MAX_CONCURRENT_SMALL_UPLOADS: usize = 16;
 /// `return_base64` results larger than this come back as `result_url` only.
 pub const MAX_BASE64_RESULT: usize = 5 * 1024 * 1024;
 
@@ -47,6 +52,8 @@ pub struct AppState {
     pub polls: Arc<PollLimiter>,
     /// Bounds the request bodies held in memory (see [`MAX_CONCURRENT_UPLOADS`]).
     pub uploads: Arc<tokio::sync::Semaphore>,
+    /// The same for bodies of at most 1 MiB (see [`MAX_CONCURRENT_SMALL_UPLOADS`]).
+    pub small_uploads: Arc<tokio::sync::Semaphore>,
     /// Configured public base URL; otherwise the request's Host, otherwise `fallback_url`.
     pub public_url: Option<String>,
     pub fallback_url: String,
@@ -149,15 +156,15 @@ impl AppState {
 }
 
 /// One part of a multipart body.
-enum Part {
+pub enum Part {
     Text(String),
     File(Vec<u8>),
 }
 
 /// Every part of a multipart/form-data request, in order: the parts named in `files` as bytes
 /// (each at most [`MAX_IMAGE_BYTES`], else 413), the others as text. Shared by every API that
-/// takes uploads.
-async fn multipart(req: Request, state: &AppState, files: &[&str]) -> Result<Vec<(String, Part)>, ApiError> {
+/// takes uploads (and by the fuzz target `multipart`, with `()` for the state).
+pub async fn multipart<S: Send + Sync>(req: Request, state: &S, files: &[&str]) -> Result<Vec<(String, Part)>, ApiError> {
     use axum::extract::{FromRequest, Multipart};
     let mut form = Multipart::from_request(req, state)
         .await
@@ -238,7 +245,8 @@ fn is_json(media_type: &str) -> bool {
 /// uploading when we answer 401 or 400 would otherwise see a reset connection, not the answer.
 /// A body that arrives more slowly than `state.body_deadline` allows gets 408 and the connection
 /// is closed. The body is held in one of the upload slots (returned, to keep while the request
-/// needs its bytes); a body declared too large is refused before waiting for one.
+/// needs its bytes; bodies limited to 1 MiB have slots of their own); a body declared too large
+/// is refused before waiting for one.
 async fn read_body(
     state: &AppState,
     req: Request,
@@ -255,7 +263,12 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }
-    let slot = state.uploads.acquire().await.map_err(ApiError::internal)?;
+    let slots = if limit <= BATCH_BODY_LIMIT {
+        &state.small_uploads
+    } else {
+        &state.uploads
+    };
+    let slot = slots.acquire().await.map_err(ApiError::internal)?;
     let started = tokio::time::Instant::now();
     let mut buf = bytes::BytesMut::with_capacity(declared.unwrap_or(0) as usize);
     loop {

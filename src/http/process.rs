@@ -31,7 +31,11 @@ struct ProcessResponse {
     foreground: Foreground,
 }
 
-async fn parse_multipart(req: Request, state: &AppState) -> Result<(ProcessRequest, Option<Vec<u8>>), ApiError> {
+/// `/v1/removebg/process`'s form: its fields, and the uploaded `image_file` if any.
+pub async fn parse_multipart<S: Send + Sync>(
+    req: Request,
+    state: &S,
+) -> Result<(ProcessRequest, Option<Vec<u8>>), ApiError> {
     let mut body = ProcessRequest::default();
     let mut file = None;
     for (name, part) in multipart(req, state, &["image_file"]).await? {

@@ -357,11 +357,10 @@ impl Jobs {
 
     /// Returns once no single request's job is running (including those whose client left).
     pub async fn requests_done(&self) {
-        while !self.0.requests.is_empty() {
-            // TaskTracker::wait needs close(); new requests are refused while draining anyway,
-            // so poll the count.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        // Closing only lets `wait` return once the tracker is empty; a request that still
+        // spawns its job afterwards (the drain gate refuses new ones) is waited for too.
+        self.0.requests.close();
+        self.0.requests.wait().await;
     }
 
     /// Records a job to run from the queue (MQTT), its credit reserved, its inline image saved
