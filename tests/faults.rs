@@ -49,7 +49,9 @@ fn n(s: &BTreeMap<String, i64>, status: &str) -> i64 {
 /// Everything that must hold in any data directory at rest, whatever happened before:
 /// the database is whole, every account's counters equal its ledger, a credit is reserved
 /// exactly for each queued or running job, each job is charged at most once, and every
-/// completed job has its whole result file (and the results directory holds nothing else).
+/// completed job has its whole result file (and the results directory holds nothing else but,
+/// after a kill mid-write, the temporary file of a job still marked running, which the next
+/// start deletes).
 fn audit(data: &Path) -> BTreeMap<String, i64> {
     let db = data.join("removebgd.db");
     assert_eq!(integrity(&db), "ok");
@@ -103,7 +105,16 @@ fn audit(data: &Path) -> BTreeMap<String, i64> {
         let bytes = std::fs::read(data.join("results").join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
         image::load_from_memory(&bytes).unwrap_or_else(|e| panic!("{f} is not a whole image: {e}"));
     }
-    let mut on_disk = listing(&data.join("results"));
+    let (partial, mut on_disk): (Vec<String>, Vec<String>) = listing(&data.join("results"))
+        .into_iter()
+        .partition(|f| f.starts_with('.') && f.ends_with(".partial"));
+    for p in &partial {
+        let id = p.trim_start_matches('.').split('.').next().unwrap_or_default();
+        let status: Option<String> = c
+            .query_row("SELECT status FROM jobs WHERE id = ?1", [id], |r| r.get(0))
+            .ok();
+        assert_eq!(status.as_deref(), Some("running"), "{p} is a temporary file of a job not running");
+    }
     let mut want = files.clone();
     on_disk.sort();
     want.sort();
