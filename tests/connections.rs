@@ -376,3 +376,47 @@ async fn a_body_declared_too_large_and_a_batch_submission_do_not_wait_for_a_phot
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// An answer given before the body is read (a declared size over the limit) reaches a client
+/// that is still uploading: the connection is not reset under it. Both a raw client that writes
+/// its whole body before reading and reqwest see the documented 413.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_still_uploading_receives_the_early_413_instead_of_a_reset() {
+    let d = Daemon::start(10, &[]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    // 24 MiB: far more than the kernel's socket buffers hold, so without a lingering close
+    // the server's close resets the connection while the client is still writing.
+    let body = vec![b' '; 24 << 20];
+    for path in ["/v1/removebg/batch", "/v1/removebg/process"] {
+        let mut tcp = TcpStream::connect(d.addr).await.unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        tcp.write_all(head.as_bytes()).await.unwrap();
+        tcp.write_all(&body).await.unwrap_or_else(|e| panic!("{path}: the upload was cut off: {e}"));
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), tcp.read_to_end(&mut answer))
+            .await
+            .expect("closed after the body")
+            .unwrap_or_else(|e| panic!("{path}: the answer was lost: {e}"));
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413 "), "{path}: {answer}");
+        assert!(answer.contains("payload_too_large"), "{answer}");
+        // The connection cannot carry another request: the client is told so.
+        assert!(answer.to_ascii_lowercase().contains("\r\nconnection: close\r\n"), "{answer}");
+
+        let r = d
+            .client
+            .post(d.url(path))
+            .bearer_auth(&key)
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: reqwest saw {e:?}"));
+        assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE, "{path}");
+    }
+    assert_eq!(d.credits("shop"), (0, 0));
+}

@@ -17,8 +17,8 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -218,30 +218,51 @@ async fn connection(
         let activity = activity.clone();
         hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
             let busy = Busy::enter(&activity);
+            let activity = activity.clone();
             let router = router.clone();
-            async move {
-                let res = router.oneshot(req.map(Body::new)).await;
+            // Boxed so that the connection can be polled without shutting the socket down.
+            Box::pin(async move {
+                let read = Arc::new(AtomicBool::new(false));
+                let (parts, incoming) = req.into_parts();
+                if hyper::body::Body::is_end_stream(&incoming) {
+                    read.store(true, Relaxed);
+                }
+                let watched = WatchedBody {
+                    inner: incoming,
+                    read: read.clone(),
+                };
+                let mut res = router.oneshot(hyper::Request::from_parts(parts, Body::new(watched))).await;
+                if let Ok(r) = &mut res {
+                    activity.too_slow.store(r.status() == axum::http::StatusCode::REQUEST_TIMEOUT, Relaxed);
+                    // Answered before the whole body was read (a declared size over the limit,
+                    // a slow body): the connection cannot carry another request, so the client
+                    // is told not to reuse it.
+                    if !read.load(Relaxed) {
+                        r.headers_mut()
+                            .insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+                    }
+                }
                 drop(busy);
                 res
-            }
+            })
         })
     };
     let io = TokioIo::new(Tracked {
         inner: tcp,
         activity: activity.clone(),
     });
-    let mut conn = pin!(h1.serve_connection(io, service));
+    let mut conn = h1.serve_connection(io, service);
     let mut closing = false;
     let mut idle_closed = false;
     // Without keep-alive hyper closes after each response; nothing to watch.
     let watch = !keepalive.is_zero();
     let ended = loop {
         tokio::select! {
-            ended = conn.as_mut() => break ended,
+            ended = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => break ended,
             _ = stop.cancelled(), if !closing => {
                 // Idle connections close now; one in a request closes after its response.
                 closing = true;
-                conn.as_mut().graceful_shutdown();
+                Pin::new(&mut conn).graceful_shutdown();
             }
             _ = tokio::time::sleep(activity.until_idle(keepalive)), if watch && !closing => {
                 if activity.idle_for() >= keepalive {
@@ -249,7 +270,7 @@ async fn connection(
                     // left to the header timeout, which ends the connection by itself.
                     closing = true;
                     idle_closed = true;
-                    conn.as_mut().graceful_shutdown();
+                    Pin::new(&mut conn).graceful_shutdown();
                 }
             }
         }
@@ -261,7 +282,38 @@ async fn connection(
         _ if idle_closed => {
             stats.idle_timeouts.fetch_add(1, Relaxed);
         }
-        _ => {}
+        _ if activity.too_slow.load(Relaxed) => {}
+        _ => linger(conn.into_parts().io.into_inner().inner, &stop).await,
+    }
+}
+
+/// How long a closing connection keeps reading (and discarding) what the client still sends.
+const LINGER_TOTAL: Duration = Duration::from_secs(30);
+/// ... and how long it waits for the next bytes.
+const LINGER_QUIET: Duration = Duration::from_secs(5);
+
+/// Closes a connection the way nginx's lingering close does. An answer given before the request
+/// body was read (413 for a declared size, 401, 400) is written, the sending side is shut, and
+/// the rest of the body is read and thrown away until the client closes, goes quiet for
+/// [`LINGER_QUIET`], or [`LINGER_TOTAL`] passes. Closing at once would make the kernel reset the
+/// connection while the client is still uploading, and most clients then report a broken pipe
+/// instead of the answer.
+async fn linger(mut tcp: TcpStream, stop: &CancellationToken) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if tcp.shutdown().await.is_err() {
+        return;
+    }
+    let until = tokio::time::Instant::now() + LINGER_TOTAL;
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let next = (tokio::time::Instant::now() + LINGER_QUIET).min(until);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = tokio::time::timeout_at(next, tcp.read(&mut buf)) => match r {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            },
+        }
     }
 }
 
@@ -339,6 +391,8 @@ struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     busy: AtomicUsize,
+    /// The last answer was 408: the client is too slow to be waited for when closing.
+    too_slow: AtomicBool,
 }
 
 impl Activity {
@@ -347,6 +401,7 @@ impl Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             busy: AtomicUsize::new(0),
+            too_slow: AtomicBool::new(false),
         }
     }
 
@@ -383,6 +438,36 @@ impl Drop for Busy {
     fn drop(&mut self) {
         self.0.touch();
         self.0.busy.fetch_sub(1, Relaxed);
+    }
+}
+
+/// A request body that notes when it has been read to its end.
+struct WatchedBody {
+    inner: Incoming,
+    read: Arc<AtomicBool>,
+}
+
+impl hyper::body::Body for WatchedBody {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, hyper::Error>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, Poll::Ready(None)) || hyper::body::Body::is_end_stream(&self.inner) {
+            self.read.store(true, Relaxed);
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        hyper::body::Body::is_end_stream(&self.inner)
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::Body::size_hint(&self.inner)
     }
 }
 
