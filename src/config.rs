@@ -8,7 +8,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::{BgColor, DEFAULT_MAX_PIXELS, Gradient, Margin, OutputFormat, OutputSize, Position, Precision, Roi};
+use crate::engine::{BgColor, DEFAULT_MAX_PIXELS, Gradient, Margin, OutputFormat, OutputSize, Position, Precision, Refine, Roi};
 use crate::provision::DEFAULT_MODEL;
 
 /// removebgd: on-device background removal with a local segmentation model.
@@ -136,6 +136,10 @@ pub struct CutArgs {
     /// Write the gray mask instead of the cutout (remove.bg's `channels=alpha`).
     #[arg(long)]
     pub mask_only: bool,
+    /// Edge refinement: `off` (the model's mask, resized) or `fast` (the edge follows the
+    /// photo and its colours lose the old background; README, "Edge refinement").
+    #[arg(long, value_enum, default_value_t = Refine::Off)]
+    pub refine: Refine,
     /// Images processed at once. Inferences take turns (each already uses every core); more
     /// jobs overlap decode and encode with inference.
     #[arg(long, short = 'j', env = "REMOVEBGD_WORKERS", default_value_t = 1)]
@@ -210,6 +214,8 @@ pub struct BenchArgs {
     pub format: OutputFormat,
     #[arg(long, value_enum, default_value_t = OutputSize::Full)]
     pub size: OutputSize,
+    #[arg(long, value_enum, default_value_t = Refine::Off)]
+    pub refine: Refine,
     #[command(flatten)]
     pub engine: EngineArgs,
 }

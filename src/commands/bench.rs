@@ -19,6 +19,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let opts = CutOptions {
         format: args.format,
         size: args.size,
+        refine: args.refine,
         ..CutOptions::default()
     };
     let warm = engine.cut(&bytes, &opts)?;
@@ -58,6 +59,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     stage("preprocess", |t| t.preprocess);
     stage("inference", |t| t.inference);
     stage("postprocess", |t| t.postprocess);
+    stage("refine", |t| t.refine);
     stage("encode", |t| t.encode);
     stage("total", |t| t.total());
     match crate::memory::status_bytes("VmHWM") {

@@ -49,6 +49,7 @@ pub fn run(args: CutArgs) -> Result<Summary> {
             scale: args.scale,
             position: args.position,
         },
+        refine: args.refine,
     });
     let pool = Pool::new(args.jobs);
     let started = Instant::now();

@@ -9,6 +9,7 @@ mod model;
 mod png_writer;
 pub mod pool;
 mod prepost;
+pub mod refine;
 pub mod resize;
 
 use std::borrow::Cow;
@@ -125,6 +126,17 @@ pub enum Channels {
     Alpha,
 }
 
+/// How the model's mask is fitted to the photo at the output size ([`refine`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Refine {
+    /// The model's mask, resized.
+    #[default]
+    Off,
+    /// The edge band follows the photo, and its colours lose the old background.
+    Fast,
+}
+
 /// What to produce from one input image.
 #[derive(Debug, Clone, Default)]
 pub struct CutOptions {
@@ -136,6 +148,7 @@ pub struct CutOptions {
     /// Only this region of the input can be foreground.
     pub roi: Option<Roi>,
     pub layout: Layout,
+    pub refine: Refine,
 }
 
 /// Wall time of each stage of one cutout.
@@ -145,6 +158,8 @@ pub struct Timings {
     pub preprocess: Duration,
     pub inference: Duration,
     pub postprocess: Duration,
+    /// Edge refinement (part of postprocessing; counted in it too).
+    pub refine: Duration,
     pub encode: Duration,
 }
 
@@ -247,10 +262,10 @@ impl Engine {
             })?;
         let mut t = Timings::default();
         let start = Instant::now();
-        let picture = on_pool(|| image_io::decode(input, self.max_pixels))?;
+        let mut picture = on_pool(|| image_io::decode(input, self.max_pixels))?;
         // Waiting for memory is not decoding; reading the headers is.
         t.decode = read_header + start.elapsed();
-        let layers = self.layers(&picture, opts, &mut t)?;
+        let layers = self.layers(&mut picture, opts, &mut t)?;
         let start = Instant::now();
         let backdrop = self.backdrop(opts, &layers)?;
         let (bytes, format) = layers.encode(opts, &backdrop)?;
@@ -273,6 +288,10 @@ impl Engine {
         let (ow, oh) = opts.size.fit(header.width, header.height);
         let output = ow as u64 * oh as u64;
         let mut extra = 0u64;
+        if opts.refine != Refine::Off {
+            // Its working planes, and the photo at the output size even for a mask alone.
+            extra += refine::working_bytes(output) + 3 * output;
+        }
         let canvas = if opts.layout.is_identity() {
             output
         } else {
@@ -320,11 +339,28 @@ impl Engine {
 
     /// The mask (and, for a cutout, the colours) at the requested size and laid out, ready to
     /// encode.
-    fn layers<'p>(&self, picture: &'p Picture, opts: &CutOptions, t: &mut Timings) -> Result<Layers<'p>, EngineError> {
+    fn layers<'p>(&self, picture: &'p mut Picture, opts: &CutOptions, t: &mut Timings) -> Result<Layers<'p>, EngineError> {
         let (w, h) = (picture.width(), picture.height());
         let size = opts.size.fit(w, h);
         let mut mask = self.mask(picture, size, t)?;
         let start = Instant::now();
+        let wants_rgb = opts.channels == Channels::Rgba || opts.format == OutputFormat::Zip;
+        // The refinement takes the model's mask (before the input's own transparency and the
+        // region of interest, which only take away) and the photo at the output size.
+        let mut refined_rgb = None;
+        if opts.refine != Refine::Off {
+            let settings = refine::Settings::default();
+            if size == (w, h) {
+                let rgb: &mut [u8] = &mut picture.rgb;
+                on_pool(|| refine::refine(rgb, &mut mask, size, wants_rgb, &settings));
+            } else {
+                let mut rgb = resize::convolve(picture.rgb.as_raw(), (w, h), PixelType::U8x3, size, FilterType::Lanczos3);
+                on_pool(|| refine::refine(&mut rgb, &mut mask, size, wants_rgb, &settings));
+                refined_rgb = Some(rgb);
+            }
+            t.refine = start.elapsed();
+        }
+        let picture: &'p Picture = picture;
         if let Some(alpha) = &picture.alpha {
             // A pixel transparent in the input stays transparent in the cutout.
             let alpha = shrink(alpha.as_raw(), (w, h), PixelType::U8, size);
@@ -335,8 +371,10 @@ impl Engine {
         if let Some(roi) = &opts.roi {
             layout::apply_roi(roi, (w, h), &mut mask, size)?;
         }
-        let wants_rgb = opts.channels == Channels::Rgba || opts.format == OutputFormat::Zip;
-        let mut rgb = wants_rgb.then(|| shrink(picture.rgb.as_raw(), (w, h), PixelType::U8x3, size));
+        let mut rgb = wants_rgb.then(|| match refined_rgb {
+            Some(rgb) => Cow::Owned(rgb),
+            None => shrink(picture.rgb.as_raw(), (w, h), PixelType::U8x3, size),
+        });
         let mut size = size;
         if !opts.layout.is_identity() {
             let subject = layout::foreground(&mask, size).ok_or_else(|| EngineError::Invalid {

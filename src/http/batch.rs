@@ -33,6 +33,7 @@ struct BatchBody {
     bg_image_url: Option<String>,
     bg_gradient: Option<String>,
     channels: Option<String>,
+    refine: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -147,6 +148,7 @@ pub async fn submit(
         bg_gradient: b.bg_gradient,
         bg_image_url: b.bg_image_url,
         channels: b.channels,
+        refine: b.refine,
         crop: b.crop,
         crop_margin: b.crop_margin,
     };

@@ -55,6 +55,7 @@ pub async fn parse_multipart<S: Send + Sync>(
             "bg_gradient" => &mut body.bg_gradient,
             "bg_image_url" => &mut body.bg_image_url,
             "channels" => &mut body.channels,
+            "refine" => &mut body.refine,
             "crop_margin" => &mut body.crop_margin,
             "return_base64" => {
                 body.return_base64 = Some(request::boolean("return_base64", &text)?);

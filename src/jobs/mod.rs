@@ -15,7 +15,7 @@ use crate::clock;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{
-    Background, BgColor, BoxPx, Channels, CutOptions, Engine, EngineError, Gradient, Layout, OutputFormat, OutputSize,
+    Background, BgColor, BoxPx, Channels, CutOptions, Engine, EngineError, Gradient, Layout, Refine, OutputFormat, OutputSize,
     Pool, Roi,
 };
 use crate::fetch::{FetchError, ImageFetcher};
@@ -125,6 +125,8 @@ pub struct Options {
     pub roi: Option<Roi>,
     #[serde(default)]
     pub layout: Layout,
+    #[serde(default)]
+    pub refine: Refine,
 }
 
 impl Options {
@@ -143,6 +145,7 @@ impl Options {
             channels: self.channels,
             roi: self.roi,
             layout: self.layout,
+            refine: self.refine,
         }
     }
 
@@ -158,6 +161,7 @@ impl Options {
     pub fn stored(&self) -> Option<String> {
         let classic = matches!(self.background, None | Some(Bg::Color(_)))
             && self.channels == Channels::Rgba
+            && self.refine == Refine::Off
             && self.roi.is_none()
             && self.layout.is_identity()
             && matches!(self.format, OutputFormat::Png | OutputFormat::Webp);

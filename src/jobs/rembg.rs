@@ -2,7 +2,7 @@
 //! fields, validated into output options. The reply is always a full-size PNG.
 
 use super::{Bg, JobError, Options};
-use crate::engine::{BgColor, Channels, OutputFormat, OutputSize};
+use crate::engine::{BgColor, Channels, OutputFormat, OutputSize, Refine};
 
 /// Names the loaded model answers to: ours, and rembg's name for the same network.
 pub fn model_names(model: &str) -> Vec<String> {
@@ -46,9 +46,10 @@ fn int(name: &str, v: &str, max: Option<i64>) -> Result<i64, JobError> {
 }
 
 /// Validates rembg's parameters (later values win) against the loaded `model`. Alpha matting
-/// (`a`, `af`, `ab`, `ae`) and the post-processing switches (`ppm`, `dc`, `vm`) are checked as
-/// rembg checks them and otherwise not acted on (README); `extras` is ignored, as rembg ignores
-/// what it does not understand.
+/// (`a`) turns on the edge refinement (`refine=fast`), our answer to the same need; its
+/// thresholds (`af`, `ab`, `ae`) and the post-processing switches (`ppm`, `dc`, `vm`) are
+/// checked as rembg checks them and otherwise not acted on (README); `extras` is ignored, as
+/// rembg ignores what it does not understand.
 pub fn options(fields: &[(String, String)], model: &str) -> Result<Options, JobError> {
     let mut opts = Options {
         format: OutputFormat::Png,
@@ -69,7 +70,10 @@ pub fn options(fields: &[(String, String)], model: &str) -> Result<Options, JobE
                 }
             }
             "om" => only_mask = boolean("om", value)?,
-            "a" | "ppm" | "dc" | "vm" => {
+            "a" => {
+                opts.refine = if boolean(name, value)? { Refine::Fast } else { Refine::Off };
+            }
+            "ppm" | "dc" | "vm" => {
                 boolean(name, value)?;
             }
             "af" | "ab" => {
@@ -115,7 +119,9 @@ mod tests {
         let o = options(&f(&[("bgc", "255,0,0,128"), ("a", "true"), ("af", "240"), ("ae", "15")]), "u2netp").unwrap();
         assert!(matches!(o.background, Some(Bg::Color(BgColor([255, 0, 0, 128])))));
         assert_eq!((o.format, o.size, o.channels), (OutputFormat::Png, OutputSize::Full, Channels::Rgba));
+        assert_eq!(o.refine, Refine::Fast, "alpha matting asks for the refinement");
         let o = options(&f(&[("om", "Yes"), ("bgc", "1,2,3")]), "u2netp").unwrap();
+        assert_eq!(o.refine, Refine::Off);
         assert_eq!(o.channels, Channels::Alpha);
         assert!(o.background.is_none(), "bgc is ignored with om");
         assert!(options(&f(&[("model", "isnet-general-use")]), "isnet").is_ok());

@@ -143,6 +143,7 @@ pub fn parse(fields: Vec<(String, Value)>) -> Result<RemoveBgJob, JobError> {
         bg_gradient: None,
         bg_image_url: text("bg_image_url")?,
         channels: text("channels")?,
+        refine: text("refine")?,
         crop: Some(flag("crop")?),
         crop_margin: text("crop_margin")?,
     }
@@ -197,6 +198,7 @@ fn invalid_code(name: &str) -> &'static str {
         "format" => "invalid_format",
         "size" => "invalid_size",
         "channels" => "invalid_channels",
+        "refine" => "invalid_refine",
         "bg_color" => "invalid_bg_color",
         "bg_image_url" => "invalid_bg_image_url",
         "crop_margin" => "invalid_crop_margin",

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use serde::Deserialize;
 
 use super::{Bg, JobError, Options, Source};
-use crate::engine::{BgColor, Channels, ColorError, Gradient, Margin, OutputFormat, OutputSize};
+use crate::engine::{BgColor, Channels, ColorError, Gradient, Margin, OutputFormat, OutputSize, Refine};
 
 /// Largest image accepted as base64, upload or download (decoded bytes).
 pub const MAX_IMAGE_BYTES: usize = 10 * 1024 * 1024;
@@ -31,6 +31,8 @@ pub struct ProcessRequest {
     pub bg_gradient: Option<String>,
     /// Extension: `rgba` (the cutout) or `alpha` (the mask alone).
     pub channels: Option<String>,
+    /// Extension: edge refinement, `off` or `fast`.
+    pub refine: Option<String>,
     /// The submitter's own id for the job (MQTT only).
     #[serde(rename = "ref")]
     pub client_ref: Option<String>,
@@ -80,6 +82,7 @@ pub struct OptionFields {
     pub bg_gradient: Option<String>,
     pub bg_image_url: Option<String>,
     pub channels: Option<String>,
+    pub refine: Option<String>,
     pub crop: Option<bool>,
     pub crop_margin: Option<String>,
 }
@@ -124,6 +127,16 @@ impl OptionFields {
                 return Err(invalid(
                     "invalid_channels",
                     format!("channels {other:?} is not supported; use \"rgba\" or \"alpha\""),
+                ));
+            }
+        };
+        opts.refine = match text(&self.refine).map(str::to_ascii_lowercase).as_deref() {
+            None | Some("off") => Refine::Off,
+            Some("fast") => Refine::Fast,
+            Some(other) => {
+                return Err(invalid(
+                    "invalid_refine",
+                    format!("refine {other:?} is not supported; use \"off\" or \"fast\""),
                 ));
             }
         };
@@ -222,6 +235,7 @@ impl ProcessRequest {
             bg_gradient: self.bg_gradient,
             bg_image_url: self.bg_image_url,
             channels: self.channels,
+            refine: self.refine,
             crop: self.crop,
             crop_margin: self.crop_margin,
         };
