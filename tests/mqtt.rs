@@ -678,13 +678,13 @@ async fn a_broker_stopped_and_restarted_every_2s_for_60s_costs_http_nothing_and_
     let key = d.key("shop", ALL_SCOPES);
     let mut rx = persistent_watch(&broker, "flap-watcher", "removebg/nodeF/jobs/#").await;
 
-    // 60 s: the broker is stopped and started again every 2 s while a client keeps sending
-    // photos over HTTP.
-    let started = Instant::now();
+    // 30 flaps, one every 2 s (60 s on an idle machine): the broker is stopped and started
+    // again while a client keeps sending photos over HTTP. (Counted, not timed: on a loaded
+    // machine each restart takes longer.)
     let mut ids = Vec::new();
     let mut flaps = 0;
     let mut next_flap = Instant::now() + Duration::from_secs(2);
-    while started.elapsed() < Duration::from_secs(60) {
+    while flaps < 30 {
         if Instant::now() >= next_flap {
             broker.terminate();
             broker.launch();
@@ -695,7 +695,6 @@ async fn a_broker_stopped_and_restarted_every_2s_for_60s_costs_http_nothing_and_
         assert_eq!(s, StatusCode::OK, "HTTP is unaffected: {v}");
         ids.push(v["id"].as_str().unwrap().to_owned());
     }
-    assert!(flaps >= 25, "{flaps} flaps");
     // Then the broker stays up: every job's completed event arrives (the node reconnects within
     // its 30 s backoff cap and sends what it queued).
     let mut missing: std::collections::BTreeSet<String> = ids.iter().cloned().collect();
@@ -711,7 +710,7 @@ async fn a_broker_stopped_and_restarted_every_2s_for_60s_costs_http_nothing_and_
     }
     let stats = stats_of(&broker, "nodeF").await;
     assert_eq!(stats["dropped_events"], 0, "{stats}");
-    eprintln!("broker flapped {flaps} times in 60 s; {} HTTP jobs, all answered 200; every completed event arrived", ids.len());
+    eprintln!("broker flapped {flaps} times; {} HTTP jobs, all answered 200; every completed event arrived", ids.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,7 @@ use rayon::prelude::*;
 pub const WORK_SIDE: u32 = 768;
 
 /// Bytes the refinement of an output of `pixels` needs beyond the cutout's own buffers: its
-/// working-resolution planes (at most 32 f32 planes alive at once).
+/// working-resolution planes (at most 32 f32 values a working pixel alive at once).
 pub fn working_bytes(pixels: u64) -> u64 {
     32 * 4 * pixels.min(WORK_SIDE as u64 * WORK_SIDE as u64)
 }
@@ -433,14 +433,29 @@ pub fn fill(image: &Rgb, weight: &Plane) -> Rgb {
         }
     }
     let coarse = fill(&Rgb(cv), &cw);
-    Rgb(std::array::from_fn(|c| {
-        Plane::from_fn(w, h, |x, y| {
+    // Each pixel: its own colour where it is certain, else the coarser level's, bilinearly.
+    let split = |v: f32, n: usize| {
+        let v = v.clamp(0.0, (n - 1) as f32);
+        let i = (v as usize).min(n.saturating_sub(2));
+        (i, (i + 1).min(n - 1), v - i as f32)
+    };
+    let columns: Vec<(usize, usize, f32)> = (0..w).map(|x| split((x as f32 + 0.5) / 2.0 - 0.5, w2)).collect();
+    let mut out: [Plane; 3] = std::array::from_fn(|_| Plane::new(w, h));
+    for y in 0..h {
+        let (y0, y1, fy) = split((y as f32 + 0.5) / 2.0 - 0.5, h2);
+        for (x, &(x0, x1, fx)) in columns.iter().enumerate() {
             let k = y * w + x;
             let t = weight.v[k].min(1.0);
-            let up = coarse.0[c].sample((x as f32 + 0.5) / 2.0 - 0.5, (y as f32 + 0.5) / 2.0 - 0.5);
-            t * image.0[c].v[k] + (1.0 - t) * up
-        })
-    }))
+            for c in 0..3 {
+                let q = &coarse.0[c].v;
+                let top = q[y0 * w2 + x0] + (q[y0 * w2 + x1] - q[y0 * w2 + x0]) * fx;
+                let bottom = q[y1 * w2 + x0] + (q[y1 * w2 + x1] - q[y1 * w2 + x0]) * fx;
+                let up = top + (bottom - top) * fy;
+                out[c].v[k] = t * image.0[c].v[k] + (1.0 - t) * up;
+            }
+        }
+    }
+    Rgb(out)
 }
 
 /// Nearest-neighbour resize of one plane (pixel centres aligned).
@@ -475,10 +490,42 @@ pub fn solve_pixel(alpha: f32, i: [f32; 3], fp: [f32; 3], bp: [f32; 3], prior: f
     })
 }
 
+/// Alpha for a pixel of colour `i` (0..1) where the model said `model`, from the guided filter's
+/// output `smooth` and the nearby certain foreground and background colours `fg` and `bg`:
+/// where the two colours differ, alpha is where `i` lies on the line between them, trusted by
+/// their distance and by how unsure the model was; the guided filter decides the rest.
+#[inline]
+fn blend_alpha(i: [f32; 3], model: f32, smooth: f32, fg: [f32; 3], bg: [f32; 3], s: &Settings) -> f32 {
+    let (mut n2, mut dot) = (0f32, 0f32);
+    for c in 0..3 {
+        let d = fg[c] - bg[c];
+        n2 += d * d;
+        dot += (i[c] - bg[c]) * d;
+    }
+    let smooth = smooth.clamp(0.0, 1.0);
+    if n2 <= 1e-6 {
+        return smooth;
+    }
+    let unsure = (model.min(1.0 - model) / s.trust_from).min(1.0);
+    let trust = unsure * n2 / (n2 + s.sigma * s.sigma);
+    trust * (dot / n2).clamp(0.0, 1.0) + (1.0 - trust) * smooth
+}
+
+/// What a full-resolution pixel needs from the working resolution, interleaved so that one
+/// bilinear sample reads four neighbouring cells: the guided filter's coefficients (a, b),
+/// the certain foreground and background colours, and the estimated F and B.
+const CELL: usize = 16;
+
+fn lerp_cell(a: &[f32], b: &[f32], t: f32, out: &mut [f32]) {
+    for k in 0..CELL {
+        out[k] = a[k] + (b[k] - a[k]) * t;
+    }
+}
+
 /// Refines `mask` (one byte per pixel) against `rgb` (three bytes per pixel), both `w`x`h`, in
-/// place: the mask's edge band follows the photo, and, when `rgb` is to be shown, its colours in
-/// every semi-transparent pixel become the estimated foreground. Returns how many pixels were in
-/// the band.
+/// place: the mask's edge band follows the photo, and, when `rgb` is to be shown, the colour of
+/// every semi-transparent pixel becomes the estimated foreground. Returns how many pixels were
+/// in the band.
 pub fn refine(rgb: &mut [u8], mask: &mut [u8], (w, h): (u32, u32), recolour: bool, s: &Settings) -> usize {
     let (w, h) = (w as usize, h as usize);
     if w < 2 || h < 2 {
@@ -516,7 +563,9 @@ pub fn refine(rgb: &mut [u8], mask: &mut [u8], (w, h): (u32, u32), recolour: boo
     }
     .box_mean(s.radius + 1);
     let band: Vec<bool> = uncertain.v.iter().map(|&v| v > 0.0).collect();
-    if !band.iter().any(|&b| b) {
+    drop(uncertain);
+    let any_band = band.iter().any(|&b| b);
+    if !any_band && !recolour {
         return 0;
     }
     let coef = guided_coefficients(&guide, &p, s.radius, s.eps);
@@ -528,89 +577,108 @@ pub fn refine(rgb: &mut [u8], mask: &mut [u8], (w, h): (u32, u32), recolour: boo
     };
     let fg = fill(&guide, &certain(&|v| v >= 1.0 - s.certain));
     let bg = fill(&guide, &certain(&|v| v <= s.certain));
-    // Full resolution: working coordinates of each output pixel.
-    let (sx, sy) = (lw as f32 / w as f32, lh as f32 / h as f32);
-    let to_work = |x: usize, y: usize| ((x as f32 + 0.5) * sx - 0.5, (y as f32 + 0.5) * sy - 0.5);
-    let in_band = |x: usize, y: usize| {
-        let cx = (((x as f32 + 0.5) * sx) as usize).min(lw - 1);
-        let cy = (((y as f32 + 0.5) * sy) as usize).min(lh - 1);
-        band[cy * lw + cx]
-    };
-    let count: usize = mask
-        .par_chunks_exact_mut(w)
-        .zip(rgb.par_chunks_exact(w * 3))
-        .enumerate()
-        .map(|(y, (mrow, crow))| {
-            let mut n = 0;
-            for x in 0..w {
-                if !in_band(x, y) {
-                    continue;
-                }
-                n += 1;
-                let (wx, wy) = to_work(x, y);
-                let px = &crow[x * 3..x * 3 + 3];
-                let i = [px[0] as f32 / 255.0, px[1] as f32 / 255.0, px[2] as f32 / 255.0];
-                let smooth = coef.at_full(wx, wy, i).clamp(0.0, 1.0);
-                // Where the two sides' colours differ, alpha is where the pixel's colour lies
-                // on the line between them; where they are alike, the guided filter decides.
-                let mut d = [0f32; 3];
-                let (mut n2, mut dot) = (0f32, 0f32);
-                for c in 0..3 {
-                    let f = fg.0[c].sample(wx, wy);
-                    let b = bg.0[c].sample(wx, wy);
-                    d[c] = f - b;
-                    n2 += d[c] * d[c];
-                    dot += (i[c] - b) * d[c];
-                }
-                // Trusted where the two colours are far apart and the model was unsure.
-                let model = mrow[x] as f32 / 255.0;
-                let unsure = (model.min(1.0 - model) / s.trust_from).min(1.0);
-                let alpha = if n2 > 1e-6 {
-                    let trust = unsure * n2 / (n2 + s.sigma * s.sigma);
-                    trust * (dot / n2).clamp(0.0, 1.0) + (1.0 - trust) * smooth
-                } else {
-                    smooth
-                };
-                mrow[x] = (alpha * 255.0).round() as u8;
-            }
-            n
-        })
-        .sum();
-    drop((coef, fg, bg));
-    if !recolour {
-        return count;
-    }
-    // The refined alpha at the working resolution, then F and B there.
+    let at = |planes: &[Plane; 3], k: usize| [planes[0].v[k], planes[1].v[k], planes[2].v[k]];
+    // Alpha at the working resolution, for the foreground estimate.
     let alpha = Plane {
         w: lw,
         h: lh,
-        v: small(mask, fast_image_resize::PixelType::U8).iter().map(|&m| m as f32 / 255.0).collect(),
+        v: (0..lw * lh)
+            .map(|k| {
+                if !band[k] {
+                    return p.v[k];
+                }
+                let i = at(&guide.0, k);
+                let smooth = coef.a[0].v[k] * i[0] + coef.a[1].v[k] * i[1] + coef.a[2].v[k] * i[2] + coef.b.v[k];
+                blend_alpha(i, p.v[k], smooth, at(&fg.0, k), at(&bg.0, k), s)
+            })
+            .collect(),
     };
-    let (f, b) = estimate_fb(&guide, &alpha, &s.fb);
-    drop(guide);
-    rgb.par_chunks_exact_mut(w * 3)
-        .zip(mask.par_chunks_exact(w))
+    drop(p);
+    let (f, b) = if recolour {
+        estimate_fb(&guide, &alpha, &s.fb)
+    } else {
+        (fg.clone(), bg.clone())
+    };
+    drop((guide, alpha));
+    let mut cells = vec![0f32; lw * lh * CELL];
+    for (k, cell) in cells.chunks_exact_mut(CELL).enumerate() {
+        cell[..3].copy_from_slice(&[coef.a[0].v[k], coef.a[1].v[k], coef.a[2].v[k]]);
+        cell[3] = coef.b.v[k];
+        cell[4..7].copy_from_slice(&at(&fg.0, k));
+        cell[7..10].copy_from_slice(&at(&bg.0, k));
+        cell[10..13].copy_from_slice(&at(&f.0, k));
+        cell[13..16].copy_from_slice(&at(&b.0, k));
+    }
+    drop((coef, fg, bg, f, b));
+    // Full resolution. Each output pixel's position in working pixels (centres at integers),
+    // split into the left cell and the weight of the right one; and its nearest cell.
+    let (sx, sy) = (lw as f32 / w as f32, lh as f32 / h as f32);
+    let split = |v: f32, n: usize| {
+        let v = v.clamp(0.0, (n - 1) as f32);
+        let i = (v as usize).min(n.saturating_sub(2));
+        (i, v - i as f32)
+    };
+    let columns: Vec<(usize, f32, usize)> = (0..w)
+        .map(|x| {
+            let (x0, fx) = split((x as f32 + 0.5) * sx - 0.5, lw);
+            (x0, fx, (((x as f32 + 0.5) * sx) as usize).min(lw - 1))
+        })
+        .collect();
+    let prior = s.prior;
+    mask.par_chunks_exact_mut(w)
+        .zip(rgb.par_chunks_exact_mut(w * 3))
         .enumerate()
-        .for_each(|(y, (crow, mrow))| {
+        .map(|(y, (mrow, crow))| {
+            let (y0, fy) = split((y as f32 + 0.5) * sy - 0.5, lh);
+            let y1 = (y0 + 1).min(lh - 1);
+            let cy = (((y as f32 + 0.5) * sy) as usize).min(lh - 1);
+            // The two working rows, blended for this output row where a pixel needs them.
+            let mut row = vec![0f32; lw * CELL];
+            let mut blended = vec![false; lw];
+            let mut blend = |x: usize, row: &mut [f32]| {
+                if !blended[x] {
+                    blended[x] = true;
+                    lerp_cell(
+                        &cells[(y0 * lw + x) * CELL..][..CELL],
+                        &cells[(y1 * lw + x) * CELL..][..CELL],
+                        fy,
+                        &mut row[x * CELL..][..CELL],
+                    );
+                }
+            };
+            let mut v = [0f32; CELL];
+            let mut n = 0;
             for x in 0..w {
-                // Every pixel that shows some of both (not only the band: a veil far from
-                // the edge has the old background in it too).
+                let (x0, fx, cx) = columns[x];
+                let in_band = band[cy * lw + cx];
                 let m = mrow[x];
-                if m == 255 || m == 0 {
+                if !in_band && (m == 0 || m == 255 || !recolour) {
                     continue;
                 }
-                let (wx, wy) = to_work(x, y);
+                let x1 = (x0 + 1).min(lw - 1);
+                blend(x0, &mut row);
+                blend(x1, &mut row);
+                lerp_cell(&row[x0 * CELL..][..CELL], &row[x1 * CELL..][..CELL], fx, &mut v);
                 let px = &mut crow[x * 3..x * 3 + 3];
                 let i = [px[0] as f32 / 255.0, px[1] as f32 / 255.0, px[2] as f32 / 255.0];
-                let fp = [f.0[0].sample(wx, wy), f.0[1].sample(wx, wy), f.0[2].sample(wx, wy)];
-                let bp = [b.0[0].sample(wx, wy), b.0[1].sample(wx, wy), b.0[2].sample(wx, wy)];
-                let fg = solve_pixel(m as f32 / 255.0, i, fp, bp, s.prior);
-                for c in 0..3 {
-                    px[c] = (fg[c] * 255.0).round() as u8;
+                let mut a = m as f32 / 255.0;
+                if in_band {
+                    n += 1;
+                    let smooth = v[0] * i[0] + v[1] * i[1] + v[2] * i[2] + v[3];
+                    a = blend_alpha(i, a, smooth, [v[4], v[5], v[6]], [v[7], v[8], v[9]], s);
+                    mrow[x] = (a * 255.0).round() as u8;
+                }
+                let m = mrow[x];
+                if recolour && m != 0 && m != 255 {
+                    let fg = solve_pixel(m as f32 / 255.0, i, [v[10], v[11], v[12]], [v[13], v[14], v[15]], prior);
+                    for c in 0..3 {
+                        px[c] = (fg[c] * 255.0).round() as u8;
+                    }
                 }
             }
-        });
-    count
+            n
+        })
+        .sum()
 }
 
 #[cfg(test)]
