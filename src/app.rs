@@ -212,6 +212,7 @@ pub fn serve(settings: ServeSettings) -> Result<()> {
             results_max_bytes: settings.results_max_bytes,
             results_min_keep: settings.results_min_keep,
             min_free_disk: settings.min_free_disk,
+            refine: settings.refine,
         },
     );
     let mqtt_account = match &settings.mqtt {

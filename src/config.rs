@@ -138,7 +138,7 @@ pub struct CutArgs {
     pub mask_only: bool,
     /// Edge refinement: `off` (the model's mask, resized) or `fast` (the edge follows the
     /// photo and its colours lose the old background; README, "Edge refinement").
-    #[arg(long, value_enum, default_value_t = Refine::Off)]
+    #[arg(long, value_enum, default_value_t = Refine::Fast)]
     pub refine: Refine,
     /// Images processed at once. Inferences take turns (each already uses every core); more
     /// jobs overlap decode and encode with inference.
@@ -214,7 +214,7 @@ pub struct BenchArgs {
     pub format: OutputFormat,
     #[arg(long, value_enum, default_value_t = OutputSize::Full)]
     pub size: OutputSize,
-    #[arg(long, value_enum, default_value_t = Refine::Off)]
+    #[arg(long, value_enum, default_value_t = Refine::Fast)]
     pub refine: Refine,
     #[command(flatten)]
     pub engine: EngineArgs,
@@ -315,6 +315,11 @@ pub struct ServeArgs {
     /// Free megabytes the data disk keeps: below it new work gets 507 and /readyz 503 [default: 256].
     #[arg(long, env = "REMOVEBGD_MIN_FREE_DISK_MB")]
     pub min_free_disk_mb: Option<u64>,
+    /// Edge refinement for requests that do not ask for one: `fast` (the edge follows the
+    /// photo and its colours lose the old background) or `off` (the model's mask, resized)
+    /// [default: fast].
+    #[arg(long, env = "REMOVEBGD_REFINE", value_enum)]
+    pub refine: Option<Refine>,
     /// MQTT broker, e.g. mqtt://192.168.1.5:1883 or mqtts://broker.lan:8883 (user:password@
     /// may be given in the URL) [default: none, MQTT off].
     #[arg(long, env = "REMOVEBGD_MQTT_URL")]
@@ -389,6 +394,7 @@ pub struct ServeSettings {
     pub results_max_bytes: u64,
     pub results_min_keep: std::time::Duration,
     pub min_free_disk: u64,
+    pub refine: Refine,
     pub mqtt: Option<MqttSettings>,
     /// rembg's server API: the account it charges, and whether a key is required.
     pub rembg: Option<RembgSettings>,
@@ -620,6 +626,7 @@ impl ServeArgs {
                 "5m",
             )?,
             min_free_disk: megabytes("min_free_disk_mb", self.min_free_disk_mb.or(file.min_free_disk_mb), 256)?,
+            refine: self.refine.or(file.refine).unwrap_or_default(),
             engine: EngineArgs {
                 model: self.model.or(file.model).unwrap_or_else(|| DEFAULT_MODEL.to_owned()),
                 store: ModelStoreArgs {
@@ -667,6 +674,7 @@ impl ServeSettings {
             results_max_mb: Some(self.results_max_bytes / 1_000_000),
             results_min_keep: text(self.results_min_keep),
             min_free_disk_mb: Some(self.min_free_disk / 1_000_000),
+            refine: Some(self.refine),
             mqtt_url: m.map(|m| {
                 let host = if m.host.contains(':') {
                     format!("[{}]", m.host)

@@ -14,7 +14,7 @@ fn fidelity_at(model: &str, reference_name: &str, precision: &str, bound: f64, f
     let work = tempfile::tempdir().unwrap();
     let out = work.path().join("out");
     let status = bin()
-        .args(["cut", "--model", model, "--precision", precision, "--mask-only", "-o"])
+        .args(["cut", "--model", model, "--precision", precision, "--mask-only", "--refine", "off", "-o"])
         .arg(&out)
         .arg(images())
         .arg("--models-dir")

@@ -250,10 +250,15 @@ fn cutouts_over_the_memory_bound_take_turns_and_one_that_cannot_fit_is_refused()
     assert_eq!(engine.max_pixels(OutputFormat::Png), pixels * 3 / 2);
     assert_eq!(engine.max_pixels(OutputFormat::Webp), pixels * 15 / 17);
 
-    let want = u2netp().cut(&photo, &CutOptions::default()).unwrap().bytes;
+    // The per-pixel estimate alone: the edge refinement's working planes come on top of it.
+    let plain = CutOptions {
+        refine: removebgd::engine::Refine::Off,
+        ..CutOptions::default()
+    };
+    let want = u2netp().cut(&photo, &plain).unwrap().bytes;
     let outputs: Vec<Vec<u8>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..3)
-            .map(|_| s.spawn(|| engine.cut(&photo, &CutOptions::default()).unwrap().bytes))
+            .map(|_| s.spawn(|| engine.cut(&photo, &plain).unwrap().bytes))
             .collect();
         workers.into_iter().map(|w| w.join().unwrap()).collect()
     });
@@ -264,9 +269,15 @@ fn cutouts_over_the_memory_bound_take_turns_and_one_that_cannot_fit_is_refused()
     assert!(waits >= 1, "no cutout waited for room");
     assert!(peak <= pixels * 15 && peak > 0, "{peak} reserved at once, bound {}", pixels * 15);
 
+    // With the refinement (the default) the same photo needs its working planes too (128
+    // bytes a working pixel, and the photo again), which this bound cannot hold.
+    match engine.cut(&photo, &CutOptions::default()) {
+        Err(EngineError::Image(e @ ImageError::OverMemory { .. })) => assert_eq!(e.code(), "image_too_large"),
+        other => panic!("expected the refinement's memory to be counted, got {:?}", other.map(|c| c.bytes.len())),
+    }
     let webp = CutOptions {
         format: OutputFormat::Webp,
-        ..CutOptions::default()
+        ..plain.clone()
     };
     match engine.cut(&photo, &webp) {
         Err(EngineError::Image(e @ ImageError::OverMemory { .. })) => {

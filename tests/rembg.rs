@@ -68,10 +68,13 @@ async fn off_by_default() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_as_rembg_does_and_charges_the_named_account() {
-    let d = Daemon::start(6, &["--rembg-account", "shop", "--fetch-allow", "127.0.0.0/8"]).await;
+    // A node whose default is the model's mask as it is, so that `a` (rembg's alpha matting)
+    // is seen turning the refinement on.
+    let d = Daemon::start(6, &["--rembg-account", "shop", "--fetch-allow", "127.0.0.0/8", "--refine", "off"]).await;
     let server = image_server().await;
     let photo = read(fixture("chelsea.jpg"));
-    let direct = u2netp().cut(&photo, &Default::default()).unwrap();
+    let unrefined = removebgd::engine::CutOptions { refine: removebgd::engine::Refine::Off, ..Default::default() };
+    let direct = u2netp().cut(&photo, &unrefined).unwrap();
     let (_, _, want) = alpha_of(&direct.bytes);
 
     // rembg's README: GET with a URL, POST with a file; no key. A full-size RGBA PNG.

@@ -131,9 +131,9 @@ pub enum Channels {
 #[serde(rename_all = "lowercase")]
 pub enum Refine {
     /// The model's mask, resized.
-    #[default]
     Off,
     /// The edge band follows the photo, and its colours lose the old background.
+    #[default]
     Fast,
 }
 

@@ -48,6 +48,8 @@ pub struct Settings {
     /// Colour distance (0..1 per channel) between the nearby foreground and background at
     /// which the colour estimate of alpha gets half the weight (the guided filter the rest).
     pub sigma: f32,
+    /// How far the band reaches beyond the uncertain working pixels, in working pixels.
+    pub reach: usize,
 }
 
 impl Default for Settings {
@@ -55,11 +57,12 @@ impl Default for Settings {
         Settings {
             radius: 4,
             eps: 1e-3,
-            certain: 0.1,
-            trust_from: 0.25,
+            certain: 0.01,
+            trust_from: 0.05,
             fb: FbSettings::default(),
             prior: 0.02,
             sigma: 0.05,
+            reach: 5,
         }
     }
 }
@@ -302,96 +305,88 @@ pub fn estimate_fb(image: &Rgb, alpha: &Plane, s: &FbSettings) -> (Rgb, Rgb) {
     let (w0, h0) = (image.w(), image.h());
     let levels = (w0.max(h0) as f32).log2().ceil().max(0.0) as u32;
     let mean = |c: usize| image.0[c].v.iter().sum::<f32>() / image.0[c].v.len() as f32;
-    let mut f: [Vec<f32>; 3] = std::array::from_fn(|c| vec![mean(c)]);
-    let mut b = f.clone();
+    let (m0, m1, m2) = (mean(0), mean(1), mean(2));
+    // Each pixel's F and B side by side, and its colour and alpha: one cache line's worth of
+    // neighbours per read.
+    let mut fb: Vec<[f32; 6]> = vec![[m0, m1, m2, m0, m1, m2]];
+    let mut next: Vec<[f32; 6]> = Vec::new();
+    let full: Vec<[f32; 4]> = (0..w0 * h0)
+        .map(|k| [image.0[0].v[k], image.0[1].v[k], image.0[2].v[k], alpha.v[k]])
+        .collect();
     let (mut pw, mut ph) = (1usize, 1usize);
     for level in 0..=levels {
         let t = if levels == 0 { 1.0 } else { level as f32 / levels as f32 };
         let w = ((w0 as f32).powf(t).round() as usize).clamp(1, w0);
         let h = ((h0 as f32).powf(t).round() as usize).clamp(1, h0);
-        let img: [Vec<f32>; 3] = std::array::from_fn(|c| nearest(&image.0[c].v, (w0, h0), (w, h)));
-        let a = nearest(&alpha.v, (w0, h0), (w, h));
-        for c in 0..3 {
-            f[c] = nearest(&f[c], (pw, ph), (w, h));
-            b[c] = nearest(&b[c], (pw, ph), (w, h));
-        }
+        let small;
+        let px: &[[f32; 4]] = if (w, h) == (w0, h0) {
+            &full
+        } else {
+            small = nearest(&full, (w0, h0), (w, h));
+            &small
+        };
+        fb = nearest(&fb, (pw, ph), (w, h));
+        next.resize(w * h, [0.0; 6]);
         (pw, ph) = (w, h);
         let iterations = if w * h <= s.small_size { s.small_iterations } else { s.big_iterations };
         for _ in 0..iterations {
             for parity in 0..2 {
-                half_sweep(&img, &a, &mut f, &mut b, (w, h), parity, s);
+                half_sweep(px, &fb, &mut next, (w, h), parity, s);
+                std::mem::swap(&mut fb, &mut next);
             }
         }
     }
-    let wrap = |p: [Vec<f32>; 3]| Rgb(p.map(|v| Plane { w: w0, h: h0, v }));
-    (wrap(f), wrap(b))
+    drop((next, full));
+    let plane = |c: usize| Plane { w: w0, h: h0, v: fb.iter().map(|p| p[c]).collect() };
+    (Rgb([plane(0), plane(1), plane(2)]), Rgb([plane(3), plane(4), plane(5)]))
 }
 
-/// Updates the pixels with `(x + y) % 2 == parity` from their four neighbours.
+/// Writes into `next` the pixels with `(x + y) % 2 == parity` updated from their four
+/// neighbours in `cur` (all of the other colour), and the others as they were.
 fn half_sweep(
-    img: &[Vec<f32>; 3],
-    a: &[f32],
-    f: &mut [Vec<f32>; 3],
-    b: &mut [Vec<f32>; 3],
+    px: &[[f32; 4]],
+    cur: &[[f32; 6]],
+    next: &mut [[f32; 6]],
     (w, h): (usize, usize),
     parity: usize,
     s: &FbSettings,
 ) {
-    // The neighbours read are all of the other colour: the new values are computed first
-    // and written back after.
-    let (f0, b0) = (&*f, &*b);
-    let rows: Vec<(usize, Vec<[f32; 6]>)> = (0..h)
-        .into_par_iter()
-        .map(|y| {
-            let mut out = Vec::with_capacity(w / 2 + 1);
-            let mut x = (y + parity) % 2;
-            while x < w {
-                let k = y * w + x;
-                let a0 = a[k];
-                let a1 = 1.0 - a0;
-                let mut b00 = a0 * a0;
-                let b01 = a0 * a1;
-                let mut b11 = a1 * a1;
-                let mut rf = [a0 * img[0][k], a0 * img[1][k], a0 * img[2][k]];
-                let mut rb = [a1 * img[0][k], a1 * img[1][k], a1 * img[2][k]];
-                let mut visit = |n: usize| {
-                    let da = s.regularization + s.gradient_weight * (a0 - a[n]).abs();
-                    b00 += da;
-                    b11 += da;
-                    for c in 0..3 {
-                        rf[c] += da * f0[c][n];
-                        rb[c] += da * b0[c][n];
-                    }
-                };
-                // Four neighbours, clamped at the border (there the pixel itself, as it was).
-                visit(if x > 0 { k - 1 } else { k });
-                visit(if x + 1 < w { k + 1 } else { k });
-                visit(if y > 0 { k - w } else { k });
-                visit(if y + 1 < h { k + w } else { k });
-                let det = b00 * b11 - b01 * b01;
-                let inv = 1.0 / det;
-                let mut v = [0f32; 6];
-                for c in 0..3 {
-                    v[c] = ((b11 * rf[c] - b01 * rb[c]) * inv).clamp(0.0, 1.0);
-                    v[3 + c] = ((b00 * rb[c] - b01 * rf[c]) * inv).clamp(0.0, 1.0);
-                }
-                out.push(v);
-                x += 2;
-            }
-            (y, out)
-        })
-        .collect();
-    for (y, vals) in rows {
+    next.par_chunks_exact_mut(w).enumerate().for_each(|(y, out)| {
+        let row = y * w;
+        out.copy_from_slice(&cur[row..row + w]);
         let mut x = (y + parity) % 2;
-        for v in vals {
-            let k = y * w + x;
+        while x < w {
+            let k = row + x;
+            let [i0, i1, i2, a0] = px[k];
+            let a1 = 1.0 - a0;
+            let mut b00 = a0 * a0;
+            let b01 = a0 * a1;
+            let mut b11 = a1 * a1;
+            let mut r = [a0 * i0, a0 * i1, a0 * i2, a1 * i0, a1 * i1, a1 * i2];
+            // Four neighbours, clamped at the border (there the pixel itself, as it was).
+            for n in [
+                if x > 0 { k - 1 } else { k },
+                if x + 1 < w { k + 1 } else { k },
+                if y > 0 { k - w } else { k },
+                if y + 1 < h { k + w } else { k },
+            ] {
+                let da = s.regularization + s.gradient_weight * (a0 - px[n][3]).abs();
+                b00 += da;
+                b11 += da;
+                let q = &cur[n];
+                for c in 0..6 {
+                    r[c] += da * q[c];
+                }
+            }
+            let inv = 1.0 / (b00 * b11 - b01 * b01);
+            let v = &mut out[x];
             for c in 0..3 {
-                f[c][k] = v[c];
-                b[c][k] = v[3 + c];
+                v[c] = ((b11 * r[c] - b01 * r[3 + c]) * inv).clamp(0.0, 1.0);
+                v[3 + c] = ((b00 * r[3 + c] - b01 * r[c]) * inv).clamp(0.0, 1.0);
             }
             x += 2;
         }
-    }
+    });
 }
 
 /// Fills every pixel of `image` with the colour of the nearest pixels where `weight` is 1,
@@ -434,11 +429,6 @@ pub fn fill(image: &Rgb, weight: &Plane) -> Rgb {
     }
     let coarse = fill(&Rgb(cv), &cw);
     // Each pixel: its own colour where it is certain, else the coarser level's, bilinearly.
-    let split = |v: f32, n: usize| {
-        let v = v.clamp(0.0, (n - 1) as f32);
-        let i = (v as usize).min(n.saturating_sub(2));
-        (i, (i + 1).min(n - 1), v - i as f32)
-    };
     let columns: Vec<(usize, usize, f32)> = (0..w).map(|x| split((x as f32 + 0.5) / 2.0 - 0.5, w2)).collect();
     let mut out: [Plane; 3] = std::array::from_fn(|_| Plane::new(w, h));
     for y in 0..h {
@@ -458,8 +448,17 @@ pub fn fill(image: &Rgb, weight: &Plane) -> Rgb {
     Rgb(out)
 }
 
+/// A coordinate `v` on an axis of `n` samples (centres at integers) as the two samples to
+/// interpolate between and the second one's weight, clamped to the axis.
+#[inline]
+fn split(v: f32, n: usize) -> (usize, usize, f32) {
+    let v = v.clamp(0.0, (n - 1) as f32);
+    let i = (v as usize).min(n.saturating_sub(2));
+    (i, (i + 1).min(n - 1), v - i as f32)
+}
+
 /// Nearest-neighbour resize of one plane (pixel centres aligned).
-pub fn nearest(src: &[f32], (sw, sh): (usize, usize), (dw, dh): (usize, usize)) -> Vec<f32> {
+pub fn nearest<T: Copy>(src: &[T], (sw, sh): (usize, usize), (dw, dh): (usize, usize)) -> Vec<T> {
     if (sw, sh) == (dw, dh) {
         return src.to_vec();
     }
@@ -516,6 +515,12 @@ fn blend_alpha(i: [f32; 3], model: f32, smooth: f32, fg: [f32; 3], bg: [f32; 3],
 /// the certain foreground and background colours, and the estimated F and B.
 const CELL: usize = 16;
 
+/// A value in 0..1 as a byte, rounded (without `f32::round`, a library call on baseline x86-64).
+#[inline]
+fn to_u8(v: f32) -> u8 {
+    (v * 255.0 + 0.5) as u8
+}
+
 fn lerp_cell(a: &[f32], b: &[f32], t: f32, out: &mut [f32]) {
     for k in 0..CELL {
         out[k] = a[k] + (b[k] - a[k]) * t;
@@ -561,8 +566,11 @@ pub fn refine(rgb: &mut [u8], mask: &mut [u8], (w, h): (u32, u32), recolour: boo
         h: lh,
         v: p.v.iter().map(|&v| if v > s.certain && v < 1.0 - s.certain { 1.0 } else { 0.0 }).collect(),
     }
-    .box_mean(s.radius + 1);
-    let band: Vec<bool> = uncertain.v.iter().map(|&v| v > 0.0).collect();
+    .box_mean(s.reach);
+    // (At least one uncertain pixel in the window: half of one pixel's share, since the
+    // running sums leave rounding residue where there is none.)
+    let one = 0.5 / ((2 * s.reach + 1) * (2 * s.reach + 1)) as f32;
+    let band: Vec<bool> = uncertain.v.iter().map(|&v| v > one).collect();
     drop(uncertain);
     let any_band = band.iter().any(|&b| b);
     if !any_band && !recolour {
@@ -594,11 +602,9 @@ pub fn refine(rgb: &mut [u8], mask: &mut [u8], (w, h): (u32, u32), recolour: boo
             .collect(),
     };
     drop(p);
-    let (f, b) = if recolour {
-        estimate_fb(&guide, &alpha, &s.fb)
-    } else {
-        (fg.clone(), bg.clone())
-    };
+    // (A mask alone needs no foreground colour: its cells' F and B are left unread.)
+    let estimated = recolour.then(|| estimate_fb(&guide, &alpha, &s.fb));
+    let (f, b) = estimated.as_ref().map_or((&fg, &bg), |(f, b)| (f, b));
     drop((guide, alpha));
     let mut cells = vec![0f32; lw * lh * CELL];
     for (k, cell) in cells.chunks_exact_mut(CELL).enumerate() {
@@ -609,35 +615,32 @@ pub fn refine(rgb: &mut [u8], mask: &mut [u8], (w, h): (u32, u32), recolour: boo
         cell[10..13].copy_from_slice(&at(&f.0, k));
         cell[13..16].copy_from_slice(&at(&b.0, k));
     }
-    drop((coef, fg, bg, f, b));
+    drop((coef, fg, bg, estimated));
     // Full resolution. Each output pixel's position in working pixels (centres at integers),
     // split into the left cell and the weight of the right one; and its nearest cell.
     let (sx, sy) = (lw as f32 / w as f32, lh as f32 / h as f32);
-    let split = |v: f32, n: usize| {
-        let v = v.clamp(0.0, (n - 1) as f32);
-        let i = (v as usize).min(n.saturating_sub(2));
-        (i, v - i as f32)
-    };
     let columns: Vec<(usize, f32, usize)> = (0..w)
         .map(|x| {
-            let (x0, fx) = split((x as f32 + 0.5) * sx - 0.5, lw);
+            let (x0, _, fx) = split((x as f32 + 0.5) * sx - 0.5, lw);
             (x0, fx, (((x as f32 + 0.5) * sx) as usize).min(lw - 1))
         })
         .collect();
     let prior = s.prior;
-    mask.par_chunks_exact_mut(w)
+    let (lo, hi) = (to_u8(s.certain), to_u8(1.0 - s.certain));
+    let total = mask.par_chunks_exact_mut(w)
         .zip(rgb.par_chunks_exact_mut(w * 3))
         .enumerate()
-        .map(|(y, (mrow, crow))| {
-            let (y0, fy) = split((y as f32 + 0.5) * sy - 0.5, lh);
-            let y1 = (y0 + 1).min(lh - 1);
+        .map_init(
+            // A thread's blend of two working rows, and for each cell the output row it was
+            // last blended for.
+            || (vec![0f32; lw * CELL], vec![usize::MAX; lw]),
+            |(row, blended), (y, (mrow, crow))| {
+            let (y0, y1, fy) = split((y as f32 + 0.5) * sy - 0.5, lh);
             let cy = (((y as f32 + 0.5) * sy) as usize).min(lh - 1);
             // The two working rows, blended for this output row where a pixel needs them.
-            let mut row = vec![0f32; lw * CELL];
-            let mut blended = vec![false; lw];
             let mut blend = |x: usize, row: &mut [f32]| {
-                if !blended[x] {
-                    blended[x] = true;
+                if blended[x] != y {
+                    blended[x] = y;
                     lerp_cell(
                         &cells[(y0 * lw + x) * CELL..][..CELL],
                         &cells[(y1 * lw + x) * CELL..][..CELL],
@@ -652,12 +655,24 @@ pub fn refine(rgb: &mut [u8], mask: &mut [u8], (w, h): (u32, u32), recolour: boo
                 let (x0, fx, cx) = columns[x];
                 let in_band = band[cy * lw + cx];
                 let m = mrow[x];
-                if !in_band && (m == 0 || m == 255 || !recolour) {
-                    continue;
+                if !in_band {
+                    // Outside the band the model was sure: what it left of the other side
+                    // (a faint haze, a foreground at 99%) goes.
+                    if m <= lo {
+                        mrow[x] = 0;
+                        continue;
+                    }
+                    if m >= hi {
+                        mrow[x] = 255;
+                        continue;
+                    }
+                    if !recolour {
+                        continue;
+                    }
                 }
                 let x1 = (x0 + 1).min(lw - 1);
-                blend(x0, &mut row);
-                blend(x1, &mut row);
+                blend(x0, row);
+                blend(x1, row);
                 lerp_cell(&row[x0 * CELL..][..CELL], &row[x1 * CELL..][..CELL], fx, &mut v);
                 let px = &mut crow[x * 3..x * 3 + 3];
                 let i = [px[0] as f32 / 255.0, px[1] as f32 / 255.0, px[2] as f32 / 255.0];
@@ -666,19 +681,21 @@ pub fn refine(rgb: &mut [u8], mask: &mut [u8], (w, h): (u32, u32), recolour: boo
                     n += 1;
                     let smooth = v[0] * i[0] + v[1] * i[1] + v[2] * i[2] + v[3];
                     a = blend_alpha(i, a, smooth, [v[4], v[5], v[6]], [v[7], v[8], v[9]], s);
-                    mrow[x] = (a * 255.0).round() as u8;
+                    mrow[x] = to_u8(a);
                 }
                 let m = mrow[x];
                 if recolour && m != 0 && m != 255 {
                     let fg = solve_pixel(m as f32 / 255.0, i, [v[10], v[11], v[12]], [v[13], v[14], v[15]], prior);
                     for c in 0..3 {
-                        px[c] = (fg[c] * 255.0).round() as u8;
+                        px[c] = to_u8(fg[c]);
                     }
                 }
             }
             n
-        })
-        .sum()
+            },
+        )
+        .sum::<usize>();
+    total
 }
 
 #[cfg(test)]

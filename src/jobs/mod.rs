@@ -125,13 +125,14 @@ pub struct Options {
     pub roi: Option<Roi>,
     #[serde(default)]
     pub layout: Layout,
-    #[serde(default)]
-    pub refine: Refine,
+    /// None: the node's default (`refine` in its settings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refine: Option<Refine>,
 }
 
 impl Options {
     /// The engine's options, with a background photo already in hand.
-    fn cut(&self, bg_image: Option<Arc<Vec<u8>>>) -> CutOptions {
+    fn cut(&self, bg_image: Option<Arc<Vec<u8>>>, default_refine: Refine) -> CutOptions {
         CutOptions {
             format: self.format,
             size: self.size,
@@ -145,7 +146,7 @@ impl Options {
             channels: self.channels,
             roi: self.roi,
             layout: self.layout,
-            refine: self.refine,
+            refine: self.refine.unwrap_or(default_refine),
         }
     }
 
@@ -161,7 +162,7 @@ impl Options {
     pub fn stored(&self) -> Option<String> {
         let classic = matches!(self.background, None | Some(Bg::Color(_)))
             && self.channels == Channels::Rgba
-            && self.refine == Refine::Off
+            && self.refine.is_none()
             && self.roi.is_none()
             && self.layout.is_identity()
             && matches!(self.format, OutputFormat::Png | OutputFormat::Webp);
@@ -228,6 +229,8 @@ pub struct Settings {
     pub results_min_keep: Duration,
     /// Free space the data disk keeps; below it new work is refused and /readyz fails.
     pub min_free_disk: u64,
+    /// The edge refinement of requests that do not choose one.
+    pub refine: Refine,
 }
 
 struct Inner {
@@ -552,7 +555,7 @@ impl Jobs {
         self.0
             .pool
             .submit(move || -> Result<(Done, SpaceClaim), JobError> {
-                let cut = this.0.engine.cut(&input, &opts.cut(bg_image))?;
+                let cut = this.0.engine.cut(&input, &opts.cut(bg_image, this.0.settings.refine))?;
                 drop(input);
                 let file = format!("{id}.{}", cut.format.extension());
                 let path = this.results_dir().join(&file);

@@ -71,7 +71,7 @@ pub fn options(fields: &[(String, String)], model: &str) -> Result<Options, JobE
             }
             "om" => only_mask = boolean("om", value)?,
             "a" => {
-                opts.refine = if boolean(name, value)? { Refine::Fast } else { Refine::Off };
+                opts.refine = boolean(name, value)?.then_some(Refine::Fast);
             }
             "ppm" | "dc" | "vm" => {
                 boolean(name, value)?;
@@ -119,9 +119,9 @@ mod tests {
         let o = options(&f(&[("bgc", "255,0,0,128"), ("a", "true"), ("af", "240"), ("ae", "15")]), "u2netp").unwrap();
         assert!(matches!(o.background, Some(Bg::Color(BgColor([255, 0, 0, 128])))));
         assert_eq!((o.format, o.size, o.channels), (OutputFormat::Png, OutputSize::Full, Channels::Rgba));
-        assert_eq!(o.refine, Refine::Fast, "alpha matting asks for the refinement");
+        assert_eq!(o.refine, Some(Refine::Fast), "alpha matting asks for the refinement");
         let o = options(&f(&[("om", "Yes"), ("bgc", "1,2,3")]), "u2netp").unwrap();
-        assert_eq!(o.refine, Refine::Off);
+        assert_eq!(o.refine, None, "no matting asked for: the node's default");
         assert_eq!(o.channels, Channels::Alpha);
         assert!(o.background.is_none(), "bgc is ignored with om");
         assert!(options(&f(&[("model", "isnet-general-use")]), "isnet").is_ok());

@@ -131,8 +131,9 @@ impl OptionFields {
             }
         };
         opts.refine = match text(&self.refine).map(str::to_ascii_lowercase).as_deref() {
-            None | Some("off") => Refine::Off,
-            Some("fast") => Refine::Fast,
+            None => None,
+            Some("off") => Some(Refine::Off),
+            Some("fast") => Some(Refine::Fast),
             Some(other) => {
                 return Err(invalid(
                     "invalid_refine",
