@@ -535,6 +535,14 @@ async fn account_and_improve() {
     assert_eq!(r.error(StatusCode::BAD_REQUEST), "invalid_image_file_b64");
     let r = json_to(&d, "/v1.0/improve", &key, json!({"image_url": "file:///etc/passwd"})).await;
     assert_eq!(r.error(StatusCode::BAD_REQUEST), "invalid_image_url");
+    // An upload must be an image, as /removebg requires (found by schemathesis: a part holding
+    // the text "null" was accepted).
+    let (ct, body) = multipart(&[("image_file", Part::File(b"null"))]);
+    let r = d.client.post(d.url("/v1.0/improve")).header("x-api-key", &key).header("content-type", ct).body(body).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(body_json(r).await["errors"][0]["code"], "invalid_file_type");
+    let r = json_to(&d, "/v1.0/improve", &key, json!({"image_file_b64": "bnVsbA=="})).await;
+    assert_eq!(r.error(StatusCode::BAD_REQUEST), "invalid_file_type");
     assert_eq!((jobs(), common::listing(&d.data().join("results"))), before);
     assert_eq!(d.credits("shop"), (1, 0));
 }

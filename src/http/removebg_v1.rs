@@ -19,7 +19,7 @@ use super::quota::SCOPE_QUOTA;
 use super::{AppState, PROCESS_BODY_LIMIT, Part, content_type, is_json, multipart, read_body};
 use crate::clock;
 use crate::jobs::removebg::{self, Value};
-use crate::jobs::request::decode_base64;
+use crate::jobs::request::{decode_base64, probe_image};
 
 /// Our errors in remove.bg's statuses and codes (README lists the mapping). Every one of them
 /// has charged nothing.
@@ -222,11 +222,13 @@ pub async fn improve(State(state): State<AppState>, req: Request) -> Result<Resp
                 "Please provide exactly one of image_url, image_file and image_file_b64.",
             ));
         };
-        // Checked as /removebg checks them, though nothing is kept.
+        // Checked as /removebg checks them (an upload must be an image), though nothing is kept.
         match (name.as_str(), value) {
-            ("image_file", Value::File(_)) => {}
+            ("image_file", Value::File(bytes)) => probe_image(bytes)?,
             ("image_file_b64", Value::Text(t)) => {
-                decode_base64(t).map_err(|e| ApiError::bad_request("invalid_image_file_b64", e.to_string()))?;
+                let bytes =
+                    decode_base64(t).map_err(|e| ApiError::bad_request("invalid_image_file_b64", e.to_string()))?;
+                probe_image(&bytes)?;
             }
             ("image_url", Value::Text(u)) if u.trim().starts_with("http://") || u.trim().starts_with("https://") => {}
             (name, _) => {
