@@ -602,6 +602,103 @@ async fn a_batch_runs_its_items_in_order_reports_failures_and_settles_credits() 
     assert_eq!(d.credits("shop"), (3, 0));
 }
 
+/// A multipart/form-data body: (name, file name, bytes) parts; a part with a file name is a file.
+fn form_body(parts: &[(&str, Option<&str>, &[u8])]) -> (String, Vec<u8>) {
+    let boundary = "----removebgd-test-7c0ffee";
+    let mut body = Vec::new();
+    for (name, filename, bytes) in parts {
+        let file = filename.map(|f| format!("; filename=\"{f}\"")).unwrap_or_default();
+        body.extend_from_slice(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"{file}\r\n\r\n").as_bytes());
+        body.extend_from_slice(bytes);
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    (format!("multipart/form-data; boundary={boundary}"), body)
+}
+
+async fn post_form(d: &Daemon, key: &str, parts: &[(&str, Option<&str>, &[u8])]) -> (StatusCode, reqwest::header::HeaderMap, Value) {
+    let (ct, body) = form_body(parts);
+    let r = d
+        .client
+        .post(d.url("/v1/removebg/batch"))
+        .bearer_auth(key)
+        .header("content-type", ct)
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    split(r).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_uploaded_photos_runs_each_in_order_and_charges_the_ones_done() {
+    let d = Daemon::start(5, &["--batch-poll-interval", "0", "--workers", "2"]).await;
+    let key = d.key("shop", ALL_SCOPES);
+    let cat = read(fixture("chelsea.jpg"));
+    let rotated = read(fixture("chelsea-exif6.jpg"));
+    let inbox = d.data().join("inbox");
+
+    // Refused forms charge nothing and leave nothing in the inbox.
+    let (s, h, v) = post_form(&d, &key, &[("output_format", None, b"png")]).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::BAD_REQUEST), "no_images");
+    let (s, h, v) = post_form(&d, &key, &[("image_file", Some("a.jpg"), &cat), ("colour", None, b"red")]).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::BAD_REQUEST), "invalid_request");
+    assert!(v["error"]["message"].as_str().unwrap().contains("colour"), "{v}");
+    let (s, h, v) = post_form(&d, &key, &[("image_file", Some("a.jpg"), &cat), ("output_format", None, b"gif")]).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::BAD_REQUEST), "invalid_output_format");
+    let six: Vec<(&str, Option<&str>, &[u8])> = (0..6).map(|_| ("image_file", Some("c.jpg"), cat.as_slice())).collect();
+    let (s, h, v) = post_form(&d, &key, &six).await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::PAYMENT_REQUIRED), "insufficient_credits", "6 photos on 5 credits");
+    assert_eq!(d.credits("shop"), (0, 0));
+    assert_eq!(listing(&inbox), Vec::<String>::new(), "a refused batch leaves no upload behind");
+
+    // Three photos, the middle one not an image; options apply to all.
+    let (s, _, v) = post_form(
+        &d,
+        &key,
+        &[
+            ("output_format", None, b"png"),
+            ("image_file", Some("cat.jpg"), &cat),
+            ("image_file", Some("notes.txt"), b"not a photo at all"),
+            ("image_file", Some("rotated.jpg"), &rotated),
+            ("bg_color", None, b"ff0000"),
+        ],
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!((v["total"].as_i64(), v["credits_reserved"].as_i64()), (Some(3), Some(3)));
+    let id = v["job_id"].as_str().unwrap().to_owned();
+    let v = poll_until_done(&d, &key, &id).await;
+    assert_eq!(v["status"], "completed");
+    assert_eq!(
+        (v["completed"].as_i64(), v["failed"].as_i64(), v["credits_used"].as_i64()),
+        (Some(2), Some(1), Some(2))
+    );
+    let items = v["items"].as_array().unwrap();
+    let ids: Vec<&str> = items.iter().map(|i| i["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["cat.jpg", "notes.txt", "rotated.jpg"], "items in the order sent, named by file");
+    assert_eq!(items[1]["status"], "failed");
+    assert!(items[1]["error_code"].as_str().is_some(), "{}", items[1]);
+    let mut sizes = Vec::new();
+    for i in [0, 2] {
+        assert_eq!(items[i]["status"], "completed", "{}", items[i]);
+        let r = d.client.get(items[i]["result_url"].as_str().unwrap()).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let png = image::load_from_memory(&r.bytes().await.unwrap()).unwrap().to_rgba8();
+        assert!(png.pixels().all(|p| p[3] == 255), "bg_color filled every pixel");
+        assert!(png.pixels().any(|p| p[0] > 200 && p[1] < 60 && p[2] < 60), "red background");
+        sizes.push(png.dimensions());
+    }
+    assert_eq!(sizes[1], sizes[0], "the EXIF-rotated upload came out upright, like the plain one");
+    assert_eq!(d.credits("shop"), (2, 0));
+    // The runner deletes an upload just after recording its item.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !listing(&inbox).is_empty() {
+        assert!(Instant::now() < deadline, "uploads are deleted once their item ran: {:?}", listing(&inbox));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_then_restart_completes_every_item_with_exact_credits() {
     let images = image_server().await;

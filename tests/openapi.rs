@@ -108,7 +108,7 @@ async fn every_documented_operation_exists_on_a_live_daemon() {
             checked += 1;
         }
     }
-    assert_eq!(checked, 14);
+    assert_eq!(checked, 17);
     // The probe can fail: an unknown path is the router's 404.
     let r = d.client.get(d.url("/v1/removebg/nothing")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::NOT_FOUND);

@@ -9,9 +9,9 @@ use super::Foreground;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::process::SCOPE_PROCESS;
-use super::{AppState, BATCH_BODY_LIMIT, content_type, is_json, read_body};
+use super::{AppState, BATCH_BODY_LIMIT, PROCESS_BODY_LIMIT, Part, content_type, is_json, multipart_files, read_body};
 use crate::clock::rfc3339;
-use crate::jobs::request;
+use crate::jobs::{Source, request};
 use crate::store::JobStatus;
 
 pub const SCOPE_WRITE: &str = "removebg:batch:write";
@@ -20,10 +20,13 @@ pub const MAX_ITEMS: usize = 100;
 const MAX_REF_LEN: usize = 256;
 const MAX_URL_LEN: usize = 4096;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BatchBody {
     images: Vec<BatchImage>,
+    /// Photos uploaded as multipart/form-data (`image_file` parts), with their file names.
+    #[serde(skip)]
+    uploads: Vec<(Vec<u8>, Option<String>)>,
     output_format: Option<String>,
     output_size: Option<String>,
     bg_color: Option<String>,
@@ -93,21 +96,7 @@ fn parse(body: &[u8]) -> Result<BatchBody, ApiError> {
             ApiError::bad_request("malformed_json", format!("the body is not valid JSON: {e}"))
         }
     })?;
-    if b.images.is_empty() {
-        return Err(ApiError::bad_request(
-            "no_images",
-            "images must hold at least one image",
-        ));
-    }
-    if b.images.len() > MAX_ITEMS {
-        return Err(ApiError::bad_request(
-            "too_many_images",
-            format!(
-                "a batch holds at most {MAX_ITEMS} images; this one has {}",
-                b.images.len()
-            ),
-        ));
-    }
+    check_count(b.images.len())?;
     for (i, img) in b.images.iter().enumerate() {
         let url = img.url.trim();
         let scheme_ok = url.len() <= MAX_URL_LEN
@@ -128,21 +117,88 @@ fn parse(body: &[u8]) -> Result<BatchBody, ApiError> {
     Ok(b)
 }
 
+fn check_count(n: usize) -> Result<(), ApiError> {
+    if n == 0 {
+        return Err(ApiError::bad_request(
+            "no_images",
+            "images must hold at least one image",
+        ));
+    }
+    if n > MAX_ITEMS {
+        return Err(ApiError::bad_request(
+            "too_many_images",
+            format!("a batch holds at most {MAX_ITEMS} images; this one has {n}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A batch of uploaded photos: `image_file` parts (each an item, its id the file's name), and
+/// the options as text fields named as in the JSON body.
+async fn parse_form<S: Send + Sync>(req: axum::extract::Request, state: &S) -> Result<BatchBody, ApiError> {
+    let mut b = BatchBody::default();
+    for (name, filename, part) in multipart_files(req, state, &["image_file"]).await? {
+        let text = match part {
+            Part::File(bytes) => {
+                let id = filename.filter(|f| !f.is_empty());
+                if id.as_ref().is_some_and(|id| id.len() > MAX_REF_LEN) {
+                    return Err(ApiError::bad_request(
+                        "invalid_request",
+                        format!("the file name of image_file {} is longer than {MAX_REF_LEN} characters", b.uploads.len()),
+                    ));
+                }
+                b.uploads.push((bytes, id));
+                continue;
+            }
+            Part::Text(text) => text,
+        };
+        let slot = match name.as_str() {
+            "output_format" => &mut b.output_format,
+            "output_size" => &mut b.output_size,
+            "bg_color" => &mut b.bg_color,
+            "bg_gradient" => &mut b.bg_gradient,
+            "bg_image_url" => &mut b.bg_image_url,
+            "channels" => &mut b.channels,
+            "refine" => &mut b.refine,
+            "crop_margin" => &mut b.crop_margin,
+            "crop" => {
+                b.crop = Some(request::boolean("crop", &text)?);
+                continue;
+            }
+            other => {
+                return Err(ApiError::bad_request(
+                    "invalid_request",
+                    format!("unknown form field {other:?} (a batch form holds image_file parts and options)"),
+                ));
+            }
+        };
+        *slot = Some(text);
+    }
+    check_count(b.uploads.len())?;
+    Ok(b)
+}
+
 pub async fn submit(
     State(state): State<AppState>,
     req: axum::extract::Request,
 ) -> Result<(StatusCode, Json<Submitted>), ApiError> {
-    let (mut parts, body, _slot) = read_body(&state, req, BATCH_BODY_LIMIT).await?;
+    // Photos need the upload limit and its slots; a JSON list of URLs the small ones.
+    let form = content_type(req.headers()) == "multipart/form-data";
+    let limit = if form { PROCESS_BODY_LIMIT } else { BATCH_BODY_LIMIT };
+    let (mut parts, body, _slot) = read_body(&state, req, limit).await?;
     let caller = Caller::from_request_parts(&mut parts, &state).await?;
     caller.require(SCOPE_WRITE)?;
     caller.require(SCOPE_PROCESS)?;
-    if !is_json(&content_type(&parts.headers)) {
+    let b = if form {
+        parse_form(axum::extract::Request::from_parts(parts, axum::body::Body::from(body)), &state).await?
+    } else if is_json(&content_type(&parts.headers)) {
+        parse(&body)?
+    } else {
         return Err(ApiError::bad_request(
             "unsupported_media_type",
-            "send the batch as application/json",
+            "send the batch as application/json (image URLs) or multipart/form-data (photos)",
         ));
-    }
-    let b = parse(&body)?;
+    };
     let fields = request::OptionFields {
         bg_color: b.bg_color,
         bg_gradient: b.bg_gradient,
@@ -153,8 +209,13 @@ pub async fn submit(
         crop_margin: b.crop_margin,
     };
     let opts = request::options(b.output_format.as_deref(), b.output_size.as_deref(), &fields)?;
-    let total = b.images.len();
-    let items = b.images.into_iter().map(|i| (i.url.trim().to_owned(), i.id)).collect();
+    let total = b.images.len() + b.uploads.len();
+    let items = b
+        .images
+        .into_iter()
+        .map(|i| (Source::Url(i.url.trim().to_owned()), i.id))
+        .chain(b.uploads.into_iter().map(|(bytes, id)| (Source::Bytes(bytes), id)))
+        .collect();
     let (job_id, created) = state.jobs.submit_batch(caller.account_id, items, opts).await?;
     Ok((
         StatusCode::ACCEPTED,

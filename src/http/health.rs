@@ -61,11 +61,20 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
+    // The queue as /metrics counts it; a database that cannot answer is already among the
+    // reasons, and the count is then left out rather than failing the probe.
+    let queued = state.jobs.db(|s| s.queued_jobs()).await.ok();
+    let pool = state.jobs.pool();
     let body = json!({
         "ready": reasons.is_empty(),
         "model": state.model,
         "precision": state.precision,
         "reasons": reasons,
+        "queue": {
+            "waiting": queued.map(|q| q + pool.queued() as i64),
+            "running": pool.running(),
+        },
+        "mqtt": state.mqtt.connected().map(|up| json!({ "connected": up })),
     });
     (status, axum::Json(body)).into_response()
 }

@@ -12,6 +12,7 @@ mod rembg;
 mod removebg_v1;
 mod results;
 pub mod serve;
+mod ui;
 
 use std::sync::Arc;
 
@@ -33,7 +34,8 @@ use crate::jobs::request::MAX_IMAGE_BYTES;
 
 /// Largest request body for /process: a 10 MiB image as base64 (4/3) plus JSON or multipart framing.
 pub const PROCESS_BODY_LIMIT: usize = 15 * 1024 * 1024;
-/// Largest request body for /batch: 100 URLs need far less.
+/// Largest request body for /batch as JSON: 100 URLs need far less. A batch of uploaded photos
+/// (multipart/form-data) may be as large as [`PROCESS_BODY_LIMIT`].
 pub const BATCH_BODY_LIMIT: usize = 1024 * 1024;
 /// Request bodies being received or waiting for their job at once; more wait their turn, so a
 /// burst of uploads cannot hold more than about this many x 15 MiB in memory.
@@ -165,6 +167,19 @@ pub enum Part {
 /// (each at most [`MAX_IMAGE_BYTES`], else 413), the others as text. Shared by every API that
 /// takes uploads (and by the fuzz target `multipart`, with `()` for the state).
 pub async fn multipart<S: Send + Sync>(req: Request, state: &S, files: &[&str]) -> Result<Vec<(String, Part)>, ApiError> {
+    Ok(multipart_files(req, state, files)
+        .await?
+        .into_iter()
+        .map(|(name, _, part)| (name, part))
+        .collect())
+}
+
+/// [`multipart`], with each part's file name (as the client sent it) when it has one.
+pub async fn multipart_files<S: Send + Sync>(
+    req: Request,
+    state: &S,
+    files: &[&str],
+) -> Result<Vec<(String, Option<String>, Part)>, ApiError> {
     use axum::extract::{FromRequest, Multipart};
     let mut form = Multipart::from_request(req, state)
         .await
@@ -179,6 +194,7 @@ pub async fn multipart<S: Send + Sync>(req: Request, state: &S, files: &[&str]) 
     let mut parts = Vec::new();
     while let Some(field) = form.next_field().await.map_err(field_error)? {
         let name = field.name().unwrap_or_default().to_owned();
+        let filename = field.file_name().map(str::to_owned);
         let part = if files.contains(&name.as_str()) {
             let bytes = field.bytes().await.map_err(field_error)?;
             if bytes.len() > MAX_IMAGE_BYTES {
@@ -191,7 +207,7 @@ pub async fn multipart<S: Send + Sync>(req: Request, state: &S, files: &[&str]) 
         } else {
             Part::Text(field.text().await.map_err(field_error)?)
         };
-        parts.push((name, part));
+        parts.push((name, filename, part));
     }
     Ok(parts)
 }
@@ -310,9 +326,10 @@ pub fn router(state: AppState) -> Router {
             "/process",
             post(process::process).layer(DefaultBodyLimit::max(PROCESS_BODY_LIMIT)),
         )
+        // JSON bodies are held to BATCH_BODY_LIMIT by the handler; forms of photos may be larger.
         .route(
             "/batch",
-            post(batch::submit).layer(DefaultBodyLimit::max(BATCH_BODY_LIMIT)),
+            post(batch::submit).layer(DefaultBodyLimit::max(PROCESS_BODY_LIMIT)),
         )
         .route("/batch/{id}", get(batch::poll))
         .route("/quota", get(quota::quota))
@@ -340,6 +357,9 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::openapi))
+        .route("/", get(ui::index))
+        .route("/ui/app.js", get(ui::script))
+        .route("/ui/app.css", get(ui::style))
         .fallback(error::not_found)
         .layer(axum::middleware::from_fn(error::catch_panic))
         .layer(axum::middleware::from_fn_with_state(state.clone(), error::drain_gate))

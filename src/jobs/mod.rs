@@ -386,16 +386,7 @@ impl Jobs {
         let id = new_id("rbg");
         let (image_url, input_file) = match source {
             Source::Url(u) => (Some(u), None),
-            Source::Bytes(bytes) => {
-                let name = format!("{id}.img");
-                let path = self.0.settings.inbox_dir.join(&name);
-                let at = path.clone();
-                tokio::task::spawn_blocking(move || write_durably(&path, &bytes))
-                    .await
-                    .map_err(|e| JobError::Internal(e.to_string()))?
-                    .map_err(|e| write_error(&at, e))?;
-                (None, Some(name))
-            }
+            Source::Bytes(bytes) => (None, Some(self.save_input(&id, bytes).await?)),
         };
         let q = QueuedJob {
             job: NewJob {
@@ -424,11 +415,25 @@ impl Jobs {
         Ok((id, outcome))
     }
 
-    /// Records a batch (reserving a credit per item) and wakes the runners.
+    /// Writes a queued job's uploaded image under the inbox and syncs it; returns its name.
+    async fn save_input(&self, job_id: &str, bytes: Vec<u8>) -> Result<String, JobError> {
+        let name = format!("{job_id}.img");
+        let path = self.0.settings.inbox_dir.join(&name);
+        let at = path.clone();
+        tokio::task::spawn_blocking(move || write_durably(&path, &bytes))
+            .await
+            .map_err(|e| JobError::Internal(e.to_string()))?
+            .map_err(|e| write_error(&at, e))?;
+        Ok(name)
+    }
+
+    /// Records a batch (reserving a credit per item) and wakes the runners. Each item is a URL or
+    /// uploaded bytes with the caller's reference; uploads are written and synced first, and
+    /// deleted again when the batch is refused.
     pub async fn submit_batch(
         &self,
         account: i64,
-        items: Vec<(String, Option<String>)>,
+        items: Vec<(Source, Option<String>)>,
         opts: Options,
     ) -> Result<(String, i64), JobError> {
         let batch_id = new_id("batch");
@@ -443,18 +448,46 @@ impl Jobs {
             bg_color: opts.bg_text(),
             options: opts.stored(),
         };
-        let items: Vec<NewBatchItem> = items
-            .into_iter()
-            .map(|(url, client_ref)| NewBatchItem {
-                job_id: new_id("rbg"),
+        let mut rows = Vec::with_capacity(items.len());
+        let mut saved = Vec::new();
+        for (source, client_ref) in items {
+            let job_id = new_id("rbg");
+            let (url, input_file) = match source {
+                Source::Url(u) => (Some(u), None),
+                Source::Bytes(bytes) => match self.save_input(&job_id, bytes).await {
+                    Ok(name) => {
+                        saved.push(name.clone());
+                        (None, Some(name))
+                    }
+                    Err(e) => {
+                        self.remove_inputs(&saved);
+                        return Err(e);
+                    }
+                },
+            };
+            rows.push(NewBatchItem {
+                job_id,
                 client_ref,
                 url,
-            })
-            .collect();
+                input_file,
+            });
+        }
         let id = batch_id.clone();
-        let created = self.db(move |s| s.create_batch(&id, &template, &items)).await?;
+        let created = match self.db(move |s| s.create_batch(&id, &template, &rows)).await {
+            Ok(created) => created,
+            Err(e) => {
+                self.remove_inputs(&saved);
+                return Err(e);
+            }
+        };
         self.0.queue_wakeup.notify_one();
         Ok((batch_id, created))
+    }
+
+    fn remove_inputs(&self, names: &[String]) {
+        for name in names {
+            let _ = std::fs::remove_file(self.0.settings.inbox_dir.join(name));
+        }
     }
 
     async fn run(&self, meta: Arc<JobMeta>, source: Source, opts: Options) -> Result<Done, JobError> {

@@ -55,7 +55,10 @@ pub struct NewJob {
 pub struct NewBatchItem {
     pub job_id: String,
     pub client_ref: Option<String>,
-    pub url: String,
+    /// The image's URL, or
+    pub url: Option<String>,
+    /// its uploaded bytes, already written under the inbox.
+    pub input_file: Option<String>,
 }
 
 /// Where the answer to a queued job goes (MQTT).
@@ -237,10 +240,16 @@ impl Store {
                 let job = NewJob {
                     id: item.job_id.clone(),
                     client_ref: item.client_ref.clone(),
-                    image_url: Some(item.url.clone()),
+                    image_url: item.url.clone(),
                     ..template.clone()
                 };
                 insert_job(tx, &job, JobStatus::Queued, Some((batch_id, pos)), now)?;
+                if let Some(file) = &item.input_file {
+                    tx.execute(
+                        "UPDATE jobs SET input_file = ?2 WHERE id = ?1",
+                        params![item.job_id, file],
+                    )?;
+                }
             }
             Ok(now)
         })
@@ -554,7 +563,9 @@ mod tests {
                 .map(|i| NewBatchItem {
                     job_id: format!("b{n}-{i}"),
                     client_ref: Some(format!("ref{i}")),
-                    url: format!("http://cam/{i}.jpg"),
+                    // The middle item was uploaded (its bytes in the inbox).
+                    url: (i != 1).then(|| format!("http://cam/{i}.jpg")),
+                    input_file: (i == 1).then(|| format!("b{n}-{i}.img")),
                 })
                 .collect()
         };
@@ -570,8 +581,13 @@ mod tests {
         let first = s.claim_next().unwrap().unwrap();
         assert_eq!(first.id, "b3-0");
         s.complete_job(&first.id, &finished("f0.png")).unwrap();
+        assert_eq!(first.image_url.as_deref(), Some("http://cam/0.jpg"));
+        assert_eq!(first.input_file, None);
         let second = s.claim_next().unwrap().unwrap();
+        assert_eq!((second.image_url.as_deref(), second.input_file.as_deref()), (None, Some("b3-1.img")));
+        assert!(s.input_pending("b3-1.img").unwrap(), "the upload is kept while its item waits");
         s.fail_job(&second.id, "fetch_failed", "nope").unwrap();
+        assert!(!s.input_pending("b3-1.img").unwrap());
         let third = s.claim_next().unwrap().unwrap();
         assert!(s.claim_next().unwrap().is_none());
         // The process dies here; recovery queues the running item again.
