@@ -649,17 +649,29 @@ async fn a_batch_of_uploaded_photos_runs_each_in_order_and_charges_the_ones_done
     let six: Vec<(&str, Option<&str>, &[u8])> = (0..6).map(|_| ("image_file", Some("c.jpg"), cat.as_slice())).collect();
     let (s, h, v) = post_form(&d, &key, &six).await;
     assert_eq!(error_code(s, &h, &v, StatusCode::PAYMENT_REQUIRED), "insufficient_credits", "6 photos on 5 credits");
+    // A part that is not an image at all refuses the batch, naming it.
+    let (s, h, v) = post_form(
+        &d,
+        &key,
+        &[("image_file", Some("a.jpg"), &cat), ("image_file", Some("notes.txt"), b"not a photo at all")],
+    )
+    .await;
+    assert_eq!(error_code(s, &h, &v, StatusCode::UNPROCESSABLE_ENTITY), "unsupported_format");
+    assert!(v["error"]["message"].as_str().unwrap().starts_with("image_file 1 (notes.txt): "), "{v}");
     assert_eq!(d.credits("shop"), (0, 0));
     assert_eq!(listing(&inbox), Vec::<String>::new(), "a refused batch leaves no upload behind");
 
-    // Three photos, the middle one not an image; options apply to all.
+    // Three photos, the middle one cut short (its header reads, its pixels do not); options
+    // apply to all.
+    let png = read(fixture("images/chelsea.png"));
+    let truncated = &png[..png.len() / 2];
     let (s, _, v) = post_form(
         &d,
         &key,
         &[
             ("output_format", None, b"png"),
             ("image_file", Some("cat.jpg"), &cat),
-            ("image_file", Some("notes.txt"), b"not a photo at all"),
+            ("image_file", Some("cut-short.png"), truncated),
             ("image_file", Some("rotated.jpg"), &rotated),
             ("bg_color", None, b"ff0000"),
         ],
@@ -676,9 +688,9 @@ async fn a_batch_of_uploaded_photos_runs_each_in_order_and_charges_the_ones_done
     );
     let items = v["items"].as_array().unwrap();
     let ids: Vec<&str> = items.iter().map(|i| i["id"].as_str().unwrap()).collect();
-    assert_eq!(ids, ["cat.jpg", "notes.txt", "rotated.jpg"], "items in the order sent, named by file");
+    assert_eq!(ids, ["cat.jpg", "cut-short.png", "rotated.jpg"], "items in the order sent, named by file");
     assert_eq!(items[1]["status"], "failed");
-    assert!(items[1]["error_code"].as_str().is_some(), "{}", items[1]);
+    assert_eq!(items[1]["error_code"], "corrupt_image", "{}", items[1]);
     let mut sizes = Vec::new();
     for i in [0, 2] {
         assert_eq!(items[i]["status"], "completed", "{}", items[i]);

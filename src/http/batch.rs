@@ -147,6 +147,18 @@ async fn parse_form<S: Send + Sync>(req: axum::extract::Request, state: &S) -> R
                         format!("the file name of image_file {} is longer than {MAX_REF_LEN} characters", b.uploads.len()),
                     ));
                 }
+                // Not an image at all: the whole batch is refused, before anything is charged
+                // (a photo that only fails to decode fails as its own item).
+                if let Err(e) = request::probe_image(&bytes) {
+                    let mut err = ApiError::from(e);
+                    err.message = format!(
+                        "image_file {} ({}): {}",
+                        b.uploads.len(),
+                        id.as_deref().unwrap_or("no file name"),
+                        err.message
+                    );
+                    return Err(err);
+                }
                 b.uploads.push((bytes, id));
                 continue;
             }

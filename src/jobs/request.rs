@@ -171,15 +171,16 @@ pub fn boolean(name: &str, v: &str) -> Result<bool, JobError> {
     }
 }
 
-/// Decodes `image_base64` (a bare string or a `data:` URI; line breaks and padding tolerated).
 /// Whether `bytes` start like an image the engine reads (its header only; nothing decoded):
-/// for uploads that are checked but not cut, as remove.bg's `/improve` takes them.
+/// for uploads that are checked but not cut now, as remove.bg's `/improve` takes them and as a
+/// batch of uploaded photos is queued.
 pub fn probe_image(bytes: &[u8]) -> Result<(), JobError> {
     crate::engine::image_io::header(bytes, u64::MAX)
         .map(|_| ())
         .map_err(|e| JobError::Engine(e.into()))
 }
 
+/// Decodes `image_base64` (a bare string or a `data:` URI; line breaks and padding tolerated).
 pub fn decode_base64(text: &str) -> Result<Vec<u8>, JobError> {
     let text = match text.trim_start().strip_prefix("data:") {
         Some(rest) => rest.split_once(',').map(|(_, data)| data).unwrap_or(""),
