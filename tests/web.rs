@@ -108,6 +108,18 @@ async fn operators_page_in_chromium() {
         })
         .collect();
 
+    // Four photos of noise (about 5 MB each, 20 MB in all): more than one batch submission may
+    // hold, so the page must send them as two.
+    let noise = noise_jpeg(2000, 1400);
+    assert!((4 << 20..9 << 20).contains(&noise.len()), "noise photo of {} bytes", noise.len());
+    let big_photos: Vec<String> = (0..4)
+        .map(|i| {
+            let path = big.path().join(format!("noise-{i}.jpg"));
+            std::fs::write(&path, &noise).unwrap();
+            path.display().to_string()
+        })
+        .collect();
+
     let mut cmd = Command::new("node");
     cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/web/page.mjs"))
         .env("BASE_URL", d.url(""))
@@ -117,7 +129,8 @@ async fn operators_page_in_chromium() {
         .env("CHROMIUM", chromium())
         .env("OUT_DIR", &out)
         .env("PHOTO", fixture("chelsea.jpg"))
-        .env("BATCH_PHOTOS", batch.join(":"));
+        .env("BATCH_PHOTOS", batch.join(":"))
+        .env("BIG_PHOTOS", big_photos.join(":"));
     let o = tokio::task::spawn_blocking(move || cmd.output().expect("node"))
         .await
         .unwrap();
@@ -155,7 +168,8 @@ async fn operators_page_in_chromium() {
         let img = rgba(&out.join(shot));
         assert!(img.width() >= 390, "{shot}: {}x{}", img.width(), img.height());
     }
-    // One photo, the red one and the batch of three; the failed requests cost nothing.
-    assert_eq!(d.credits("shop"), (5, 0));
+    // One photo, the red one, the cropped one, the batch of three and the four in two batches;
+    // the failed requests cost nothing.
+    assert_eq!(d.credits("shop"), (10, 0));
     assert_eq!(d.credits("broke"), (0, 0));
 }

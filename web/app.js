@@ -131,13 +131,15 @@
   }
 
   // ---- results -------------------------------------------------------------------------------------
-  function resultCard(file, name) {
+  // A cropped cutout is not the original's size: it is shown alone, without the slider.
+  function resultCard(file, name, cropped) {
     const li = el('li', 'result');
     li.dataset.name = name;
     li.dataset.status = 'queued';
     const title = el('h3', '', name);
     const compare = el('div', 'compare');
     compare.style.setProperty('--pos', '50%');
+    if (cropped) compare.classList.add('cropped');
     const cut = el('img', 'cutout');
     cut.alt = 'Cutout of ' + name;
     cut.hidden = true;
@@ -194,7 +196,7 @@
 
   // ---- processing ----------------------------------------------------------------------------------
   async function processOne(file, name, opts) {
-    const card = resultCard(file, name);
+    const card = resultCard(file, name, opts.crop === 'true');
     card.setStatus('processing', 'Processing…');
     try {
       const fd = formFor(opts);
@@ -212,7 +214,7 @@
   async function processBatch(list, names, opts) {
     // Cards are prepended: made last to first, they read in the order sent.
     const cards = [];
-    for (let i = list.length - 1; i >= 0; i--) cards[i] = resultCard(list[i], names[i]);
+    for (let i = list.length - 1; i >= 0; i--) cards[i] = resultCard(list[i], names[i], opts.crop === 'true');
     const fd = formFor(opts);
     list.forEach((f, i) => fd.append('image_file', f, names[i]));
     const view = $('batch-view'), bar = $('batch-progress'), text = $('batch-text');

@@ -1,7 +1,8 @@
 // Drives the operator's page in Chromium against a live daemon (started by tests/web.rs).
 // Env: BASE_URL, KEY (20 credits), BROKE_KEY (0 credits), WEB_MODULES (dir with node_modules),
 // CHROMIUM, OUT_DIR (screenshots and downloads), PHOTO (a small photo), BATCH_PHOTOS (three
-// large photos, ':'-separated, slow enough for the batch to be polled several times).
+// large photos, ':'-separated, slow enough for the batch to be polled several times), BIG_PHOTOS
+// (four photos of about 5 MB, more than one batch submission may hold).
 // Prints one line per check; exits 1 if any failed.
 import { createRequire } from 'node:module';
 import fs from 'node:fs';
@@ -19,6 +20,7 @@ const BROKE_KEY = env('BROKE_KEY');
 const OUT = env('OUT_DIR');
 const PHOTO = env('PHOTO');
 const BATCH_PHOTOS = env('BATCH_PHOTOS').split(':');
+const BIG_PHOTOS = env('BIG_PHOTOS').split(':');
 const require = createRequire(path.join(env('WEB_MODULES'), 'package.json'));
 const { chromium } = require('playwright-core');
 
@@ -130,7 +132,7 @@ await check('2 key from #key=: stored in sessionStorage, fragment removed, no co
   await page.waitForFunction(() => document.getElementById('credits-text').textContent.includes('20 of 20'));
 });
 
-await check('3 upload one photo: cutout shown, PNG downloaded; red background gives an opaque download', async () => {
+await check('3 upload one photo: cutout shown, PNG downloaded; red background gives an opaque download; a cropped one shown alone', async () => {
   const { page } = main;
   await upload(page, PHOTO);
   const card = page.locator('#results .result').first();
@@ -159,6 +161,20 @@ await check('3 upload one photo: cutout shown, PNG downloaded; red background gi
   const sig = fs.readFileSync(path.join(OUT, 'red.png')).subarray(0, 8).toString('hex');
   ok(sig === '89504e470d0a1a0a', 'red download is not a PNG');
   await page.check('input[name=bg][value=none]');
+
+  // Cropped to the subject: the cutout is smaller than the photo, so it is shown alone (no
+  // original laid over it, no slider).
+  await page.check('#crop');
+  await page.click('#process');
+  await page.waitForFunction(() => document.querySelectorAll('#results .result[data-status=completed]').length === 3);
+  const cropped = page.locator('#results .result').first();
+  const [c, o] = await cropped.evaluate((r) => [r.querySelector('img.cutout'), r.querySelector('img.original')]
+    .map((i) => [i.naturalWidth, i.naturalHeight]));
+  ok(c[0] > 0 && c[0] * c[1] < o[0] * o[1], `cropped cutout ${c.join('x')}, photo ${o.join('x')}`);
+  ok(!(await cropped.locator('img.original').isVisible()), 'the original covers a cropped cutout');
+  ok(!(await cropped.locator('input.slider').isVisible()), 'a slider for a cropped cutout');
+  ok(await main.page.locator('#results .result').nth(1).locator('input.slider').isVisible(), 'the uncropped result lost its slider');
+  await page.uncheck('#crop');
 });
 
 // 4. The API's own messages: a wrong key (401), an account with no credits (402).
@@ -279,6 +295,25 @@ await check('6 layout: 1024x600 and 390x844 screenshots, no overflow, dark mode,
   const outline = await k.page.evaluate(() => getComputedStyle(document.activeElement).outlineStyle);
   ok(outline !== 'none', 'no visible focus on #process');
   await k.page.close();
+});
+
+// 6b. A selection larger than one batch submission may be (15 MB) goes as several batches.
+const split = await newPage('split');
+await check('6b a 4-photo selection of 20 MB goes as two batches, all done', async () => {
+  const { page } = split;
+  ok(BIG_PHOTOS.length === 4, 'BIG_PHOTOS: ' + BIG_PHOTOS);
+  const total = BIG_PHOTOS.reduce((n, f) => n + fs.statSync(f).size, 0);
+  ok(total > 15 * 1024 * 1024, `the photos are only ${total} bytes: too small to need two batches`);
+  await page.goto(BASE + '/#key=' + encodeURIComponent(KEY));
+  await page.waitForFunction(() => document.getElementById('credits-text').textContent.includes('of 20'));
+  await upload(page, BIG_PHOTOS);
+  await page.waitForFunction(() => document.querySelectorAll('#results .result[data-status=completed]').length === 4
+    && !document.getElementById('process').disabled, null, { timeout: 180000 });
+  const posts = split.requests.filter((r) => r.method === 'POST' && new URL(r.url).pathname === '/v1/removebg/batch');
+  ok(posts.length === 2, `${posts.length} batch submissions`);
+  ok(!split.responses.some((r) => r.status === 413), 'a submission was too large');
+  console.log(`   ${total} bytes in ${posts.length} batches`);
+  await page.close();
 });
 
 // 7. Nothing went wrong in any page: no console errors, no CSP violations, nothing off-origin.
