@@ -255,14 +255,16 @@ impl Store {
         })
     }
 
-    /// Marks the oldest queued job running and returns it.
+    /// Marks the oldest queued job running and returns it. Oldest by insertion (rowid), not by
+    /// `created_at`: batches submitted within the same second run in the order they came, and a
+    /// board whose clock steps back (no RTC until NTP) does not reorder its queue.
     pub fn claim_next(&self) -> Result<Option<ClaimedJob>> {
         self.write(|tx| {
             let job = tx
                 .query_row(
                     "SELECT id, account_id, batch_id, source, client_ref, image_url, input_file, output_format,
                             output_size, bg_color, reply_topic, correlation, options FROM jobs
-                     WHERE status = 'queued' ORDER BY created_at, batch_id, position LIMIT 1",
+                     WHERE status = 'queued' ORDER BY rowid LIMIT 1",
                     [],
                     |r| {
                         Ok(ClaimedJob {
@@ -552,6 +554,30 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM jobs", [], |r| r.get(0))
             .unwrap();
         assert_eq!(jobs, 2, "the refused job left no row");
+    }
+
+    #[test]
+    fn queued_jobs_run_in_the_order_they_were_submitted() {
+        let (s, _d) = store();
+        let a = s.create_account("k", "Pro", 10, 1, clock::now()).unwrap();
+        let items = |tag: &str| -> Vec<NewBatchItem> {
+            (0..2)
+                .map(|i| NewBatchItem {
+                    job_id: format!("{tag}{i}"),
+                    client_ref: None,
+                    url: Some(format!("http://cam/{tag}{i}.jpg")),
+                    input_file: None,
+                })
+                .collect()
+        };
+        // Submitted first with an id that sorts last; the second batch's clock reads earlier.
+        s.create_batch("batch_zz", &job("", a.id), &items("z")).unwrap();
+        s.create_batch("batch_aa", &job("", a.id), &items("a")).unwrap();
+        s.conn()
+            .execute("UPDATE jobs SET created_at = created_at - 60 WHERE batch_id = 'batch_aa'", [])
+            .unwrap();
+        let order: Vec<String> = std::iter::from_fn(|| s.claim_next().unwrap().map(|j| j.id)).collect();
+        assert_eq!(order, ["z0", "z1", "a0", "a1"]);
     }
 
     #[test]
