@@ -195,7 +195,8 @@ pub async fn submit(
     req: axum::extract::Request,
 ) -> Result<(StatusCode, Json<Submitted>), ApiError> {
     // Photos need the upload limit and its slots; a JSON list of URLs the small ones.
-    let form = content_type(req.headers()) == "multipart/form-data";
+    let ct = content_type(req.headers());
+    let form = ct == "multipart/form-data";
     let limit = if form { PROCESS_BODY_LIMIT } else { BATCH_BODY_LIMIT };
     let (mut parts, body, _slot) = read_body(&state, req, limit).await?;
     let caller = Caller::from_request_parts(&mut parts, &state).await?;
@@ -203,7 +204,7 @@ pub async fn submit(
     caller.require(SCOPE_PROCESS)?;
     let b = if form {
         parse_form(axum::extract::Request::from_parts(parts, axum::body::Body::from(body)), &state).await?
-    } else if is_json(&content_type(&parts.headers)) {
+    } else if is_json(&ct) {
         parse(&body)?
     } else {
         return Err(ApiError::bad_request(

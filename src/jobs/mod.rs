@@ -408,7 +408,7 @@ impl Jobs {
         if !matches!(outcome, Ok(Enqueued::Queued))
             && let Some(name) = input_file
         {
-            let _ = std::fs::remove_file(self.0.settings.inbox_dir.join(name));
+            self.remove_inputs(&[name]);
         }
         let outcome = outcome?;
         self.0.queue_wakeup.notify_one();
